@@ -1,0 +1,26 @@
+"""mpdp: several GPUs (or CPU workers) as one data-parallel LLM inference pool.
+
+    import mpdp
+    with mpdp.Pool(model="smollm2-135m-instruct", engine="hf", num_workers=2) as pool:
+        print(pool.submit("What is 2+2?", max_tokens=32, temperature=0.0).result().text)
+"""
+
+from mpdp.errors import (ContextWindowExceededError, EngineError, MpdpError, PoolBroken, PoolClosed,
+                         ProtocolError, RequestTimeout, WorkerCrashed, WorkerStartError)
+from mpdp.pool import DEFAULT_MODEL, Pool
+from mpdp.requests import Completion
+from mpdp.transport import CurveKeys, Transport
+
+__version__ = "0.1.0"
+
+__all__ = ["Pool", "Completion", "DEFAULT_MODEL", "Transport", "CurveKeys", "MpdpError", "PoolClosed",
+           "PoolBroken", "WorkerStartError", "WorkerCrashed", "RequestTimeout", "EngineError",
+           "ContextWindowExceededError", "ProtocolError", "vLLMOfflineMultiGPU", "vLLMOffline"]
+
+
+def __getattr__(name):
+    # The seed's names, imported on first use (they pull in DSPy).
+    if name in ("vLLMOfflineMultiGPU", "vLLMOffline"):
+        from mpdp import compat
+        return getattr(compat, name)
+    raise AttributeError(f"module 'mpdp' has no attribute {name!r}")

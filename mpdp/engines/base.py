@@ -1,0 +1,118 @@
+"""The engine interface: what a worker process drives, step by step.
+
+A worker owns exactly one engine and runs this loop (see ``mpdp/worker.py``)::
+
+    while running:
+        for req in new requests from the dispatcher:
+            engine.add(req)          # ValueError/TypeError -> that request fails alone
+        if engine.has_unfinished():
+            for result in engine.step():   # only the requests that finished in this step
+                send result back at once
+
+``step()`` must be short (one decoding step, or a few milliseconds of work): the worker
+answers heartbeats and takes new micro-batches between steps, so new requests join the
+running batch while it generates. Engines never touch sockets.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+
+@dataclass(slots=True)
+class EngineRequest:
+    """One request as the engine sees it. Exactly one of prompt / messages / prompt_token_ids is set.
+
+    ``params`` holds validated sampling fields named as vLLM's ``SamplingParams``
+    (max_tokens, temperature, top_p, top_k, n, stop, seed, presence_penalty,
+    frequency_penalty, logprobs, ignore_eos) plus ``response_format`` and
+    ``chat_template_kwargs`` where given. Absent keys mean "engine default".
+    """
+
+    id: int
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    prompt_token_ids: list[int] | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class EngineResult:
+    """The finished request. ``error_type``/``error`` set means it failed (alone).
+
+    ``error_type`` is a name the pool maps back to an exception class:
+    "ValueError", "TypeError", "ContextWindowExceeded" or "EngineError".
+    """
+
+    id: int
+    texts: list[str] = field(default_factory=list)          # one per choice (n)
+    finish_reasons: list[str] = field(default_factory=list)  # "stop" | "length" | "abort"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0                                # summed over choices
+    logprobs: list[Any] | None = None                         # per choice, when asked
+    error_type: str | None = None
+    error: str | None = None
+
+    @classmethod
+    def failure(cls, request_id: int, exc: BaseException) -> "EngineResult":
+        kind = exc.error_type if isinstance(exc, ContextWindowExceeded) else type(exc).__name__
+        if kind not in ("ValueError", "TypeError", "ContextWindowExceeded"):
+            kind = "EngineError"
+        return cls(id=request_id, error_type=kind, error=f"{type(exc).__name__}: {exc}")
+
+
+class ContextWindowExceeded(ValueError):
+    """Raised by an engine's ``add`` when the prompt does not fit the model's context."""
+
+    error_type = "ContextWindowExceeded"
+
+
+@dataclass(slots=True)
+class WorkerPlacement:
+    """Where a worker runs: its index, its GPUs (already visible as 0..k-1) and its CPU share."""
+
+    index: int
+    gpus: list[int] = field(default_factory=list)   # physical ids, for reporting only
+    num_threads: int = 1                            # CPU threads this worker may use
+
+
+class Engine(abc.ABC):
+    """One model instance inside one worker process."""
+
+    name: ClassVar[str]
+
+    def __init__(self, model: str, options: dict[str, Any], placement: WorkerPlacement):
+        self.model = model
+        self.options = dict(options)
+        self.placement = placement
+
+    @property
+    @abc.abstractmethod
+    def capacity(self) -> int:
+        """How many requests this engine wants to hold at once (the credit the worker advertises)."""
+
+    @property
+    def max_model_len(self) -> int | None:
+        """The context length, when known (reported to the pool in READY)."""
+        return None
+
+    @abc.abstractmethod
+    def add(self, request: EngineRequest) -> None:
+        """Accept a request. Raise ValueError/TypeError/ContextWindowExceeded for bad input."""
+
+    @abc.abstractmethod
+    def step(self) -> list[EngineResult]:
+        """Advance all held requests a little; return the ones that finished (or failed)."""
+
+    @abc.abstractmethod
+    def abort(self, request_ids: list[int]) -> None:
+        """Drop these requests if still held; never report them afterwards."""
+
+    @abc.abstractmethod
+    def has_unfinished(self) -> bool:
+        """True while any accepted request has not been returned by ``step``."""
+
+    def close(self) -> None:
+        """Free the model (GPU memory). Called once when the worker exits cleanly."""

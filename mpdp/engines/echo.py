@@ -1,0 +1,110 @@
+"""The echo engine: the completion is the prompt itself. For tests of the plumbing, never for features.
+
+Text is the prompt (for chat: the last message's content) cut to ``max_tokens`` characters;
+one character counts as one token. Options:
+
+- ``delay_s``: each request finishes this many seconds after it arrived (holds requests in flight);
+- ``capacity``: the credit it advertises (default 4096);
+- ``faults``: when true, a prompt ``"!fault:<kind>"`` makes the engine fail in that way, so the
+  failure tests can crash a real worker: ``exit`` (``os._exit(3)``), ``kill`` (SIGKILL itself),
+  ``segv`` (SIGSEGV itself), ``raise`` (an exception in ``step``), ``hang`` (``step`` never returns),
+  ``reject`` (``add`` raises ValueError: a bad request, not a crash).
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import signal
+import time
+
+from mpdp.engines.base import Engine, EngineRequest, EngineResult, WorkerPlacement
+
+FAULT_PREFIX = "!fault:"
+
+
+class EchoEngine(Engine):
+    name = "echo"
+
+    def __init__(self, model: str, options: dict, placement: WorkerPlacement):
+        super().__init__(model, options, placement)
+        unknown = set(options) - {"delay_s", "capacity", "faults"}
+        if unknown:
+            raise ValueError(f"unknown echo engine options: {sorted(unknown)}")
+        self.delay_s = float(options.get("delay_s", 0.0))
+        self._capacity = int(options.get("capacity", 4096))
+        self.faults = bool(options.get("faults", False))
+        self._due: list[tuple[float, int]] = []          # (due time, request id), a heap
+        self._held: dict[int, EngineRequest] = {}
+        self._pending_fault: str | None = None
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    def add(self, request: EngineRequest) -> None:
+        text = _text_of(request)
+        if self.faults and text.startswith(FAULT_PREFIX):
+            kind = text[len(FAULT_PREFIX):]
+            if kind == "reject":
+                raise ValueError("the echo engine was asked to reject this request")
+            self._pending_fault = kind
+        self._held[request.id] = request
+        heapq.heappush(self._due, (time.monotonic() + self.delay_s, request.id))
+
+    def step(self) -> list[EngineResult]:
+        if self._pending_fault:
+            _fail(self._pending_fault)
+        now = time.monotonic()
+        if self._due and self._due[0][0] > now:
+            # Sleep a little, not until the deadline: the worker must keep answering the dispatcher.
+            time.sleep(min(self._due[0][0] - now, 0.002))
+            now = time.monotonic()
+        out = []
+        while self._due and self._due[0][0] <= now:
+            _, rid = heapq.heappop(self._due)
+            req = self._held.pop(rid, None)
+            if req is not None:                         # None: aborted meanwhile
+                out.append(_echo(req))
+        return out
+
+    def abort(self, request_ids: list[int]) -> None:
+        for rid in request_ids:
+            self._held.pop(rid, None)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._held)
+
+
+def _text_of(req: EngineRequest) -> str:
+    if req.prompt is not None:
+        return req.prompt
+    if req.messages is not None:
+        return req.messages[-1]["content"]
+    return " ".join(map(str, req.prompt_token_ids))
+
+
+def _echo(req: EngineRequest) -> EngineResult:
+    text = _text_of(req)
+    max_tokens = req.params.get("max_tokens", 16)
+    n = req.params.get("n", 1)
+    out, reason = (text[:max_tokens], "length") if len(text) > max_tokens else (text, "stop")
+    for s in req.params.get("stop") or ():
+        cut = out.find(s)
+        if cut >= 0:
+            out, reason = out[:cut], "stop"
+    return EngineResult(id=req.id, texts=[out] * n, finish_reasons=[reason] * n,
+                        prompt_tokens=len(text), completion_tokens=len(out) * n)
+
+
+def _fail(kind: str) -> None:
+    if kind == "exit":
+        os._exit(3)
+    if kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if kind == "segv":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if kind == "hang":
+        while True:
+            time.sleep(3600)
+    raise RuntimeError(f"the echo engine failed on purpose ({kind})")

@@ -1,0 +1,61 @@
+"""The errors a caller of mpdp can see. Each keeps its cause (remote traceback, exit code, signal)."""
+
+from __future__ import annotations
+
+import signal as _signal
+
+
+class MpdpError(Exception):
+    """Base class of every error raised by mpdp itself."""
+
+
+class PoolClosed(MpdpError, RuntimeError):
+    """submit() after close(), or a pending request failed because the pool was closed."""
+
+
+class PoolBroken(MpdpError, RuntimeError):
+    """The pool cannot serve any more (no worker can be started)."""
+
+
+class WorkerStartError(PoolBroken):
+    """A worker did not become READY in time, or exited while starting. Says which and why."""
+
+
+class WorkerCrashed(MpdpError, RuntimeError):
+    """A request was in flight on workers that died ``attempts`` times; it is failed, the pool goes on."""
+
+    def __init__(self, message: str, *, worker: int | None = None, exitcode: int | None = None,
+                 stderr_tail: str = "", attempts: int = 0):
+        super().__init__(message)
+        self.worker = worker
+        self.exitcode = exitcode
+        self.stderr_tail = stderr_tail
+        self.attempts = attempts
+
+
+class RequestTimeout(MpdpError, TimeoutError):
+    """The request's own ``timeout`` passed; it was aborted inside the engine."""
+
+
+class EngineError(MpdpError, RuntimeError):
+    """The engine failed this request (the remote traceback is in the message)."""
+
+
+class ContextWindowExceededError(MpdpError, ValueError):
+    """The prompt (plus max_tokens, where the engine checks it) does not fit the model's context."""
+
+
+class ProtocolError(MpdpError):
+    """A frame that does not follow the protocol (wrong version, unknown tag, oversized, undecodable)."""
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """'exit code 1' or 'signal SIGKILL' from a multiprocessing exitcode."""
+    if exitcode is None:
+        return "still running"
+    if exitcode < 0:
+        try:
+            return f"signal {_signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"signal {-exitcode}"
+    return f"exit code {exitcode}"
