@@ -166,7 +166,14 @@ class Pool:
         params = self._params(sampling)
         in_flight: deque[Future] = deque()
         for item in items:
-            in_flight.append(self._post([self._item_entry(item, params, timeout)])[0])
+            try:
+                future = self._post([self._item_entry(item, params, timeout)])[0]
+            except (ValueError, TypeError) as exc:
+                if not return_exceptions:
+                    raise
+                future = Future()               # a bad item fails alone, in its place
+                future.set_exception(exc)
+            in_flight.append(future)
             if len(in_flight) >= window:
                 yield _outcome(in_flight.popleft(), return_exceptions)
         while in_flight:

@@ -1,0 +1,467 @@
+"""The ``hf`` engine: plain transformers on CPU (or one GPU), batched, one decoding step per call.
+
+Requests wait in a queue; when no batch runs, up to ``max_batch_size`` rows (a request with
+``n`` choices is ``n`` rows) are left-padded and prefilled together, then every ``step()``
+decodes one token for each live row with the KV cache. While a batch runs, waiting requests
+that fit join it: one step prefills them alone, and their cache is merged in (left-padded).
+A row leaves the batch (and its cache slice is dropped) as soon as its request is done, and
+the request is returned in that step. Pad columns are masked and positions count only real
+tokens, so greedy text batched equals greedy text alone (tests check it; only float rounding
+in differently shaped matmuls could ever tell them apart).
+
+Params: max_tokens (default 16; ``None`` = up to the context limit), temperature (default 1.0
+as in vLLM; 0 = greedy argmax), top_p, top_k, n, seed, stop, ignore_eos, presence_penalty and
+frequency_penalty (subtracted from the logits over the generated tokens, as vLLM does),
+logprobs (k in 0..20: the chosen token's logprob plus the top k, from the raw model
+distribution; per choice a list of {"token_id", "token", "logprob", "top_logprobs": [...]}),
+chat_template_kwargs. ``response_format`` other than plain text is refused (ValueError): this
+engine cannot enforce it.
+
+Options: max_batch_size (16), dtype ("float32"), max_model_len (the config's), device (a GPU
+when the placement has one, else "cpu").
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from mpdp.engines.base import ContextWindowExceeded, Engine, EngineRequest, EngineResult, WorkerPlacement
+
+MAX_LOGPROBS = 20
+
+
+@dataclass(eq=False)
+class _Request:
+    id: int
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    stop: list[str]
+    ignore_eos: bool
+    presence_penalty: float
+    frequency_penalty: float
+    logprobs: int | None
+    seed: int | None
+    n: int
+    rows: list["_Row"] = field(default_factory=list)
+    dead: bool = False
+
+
+@dataclass(eq=False)
+class _Row:
+    """One choice of one request: its generated tokens and how it ended."""
+
+    req: _Request
+    generator: Any  # torch.Generator, only when sampling
+    tokens: list[int] = field(default_factory=list)
+    text: str | None = None
+    finish_reason: str | None = None
+    logprobs: list[dict] = field(default_factory=list)
+
+
+class HFEngine(Engine):
+    name = "hf"
+
+    @classmethod
+    def resolve(cls, model: str, options: dict[str, Any]) -> str:
+        """Called in the parent before workers start: name -> local folder (converting once)."""
+        from mpdp.models import resolve_model
+
+        return resolve_model(model)
+
+    def __init__(self, model: str, options: dict[str, Any], placement: WorkerPlacement):
+        super().__init__(model, options, placement)
+        # Imported here: the parent process imports this class without paying for torch.
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        # Progress bars would fill the worker's stderr tail, which the pool shows on crashes.
+        hf_logging.disable_progress_bar()
+        self._torch = torch
+        torch.set_num_threads(max(1, placement.num_threads))
+        folder = self.resolve(model, options)
+        dtype = self.options.get("dtype", "float32")
+        dtype = getattr(torch, "float32" if dtype == "auto" else dtype) if isinstance(dtype, str) else dtype
+        device = self.options.get("device", "cuda" if placement.gpus and torch.cuda.is_available() else "cpu")
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        # We check lengths ourselves (add); silence the tokenizer's "sequence too long" warning.
+        self.tokenizer.model_max_length = sys.maxsize
+        self.hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+        self.device = torch.device(device)
+        # transformers >= 5.2x calls the KV cache argument `cache`; older ones `past_key_values`.
+        params = inspect.signature(self.hf_model.forward).parameters
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        config = self.hf_model.config
+        self.max_batch_size = int(self.options.get("max_batch_size", 16))
+        self._max_len = int(self.options.get("max_model_len") or config.max_position_embeddings)
+        self.vocab_size = config.vocab_size
+        eos = self.hf_model.generation_config.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        if self.tokenizer.eos_token_id is not None:
+            eos.append(self.tokenizer.eos_token_id)
+        self.eos_ids = set(eos)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.waiting: list[_Request] = []
+        self.batch: _Batch | None = None
+        self._joined = False  # the last step prefilled newcomers: the next one decodes
+
+    # -- Engine interface ------------------------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        return 2 * self.max_batch_size  # a running batch plus the next one waiting
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_len
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting) or self.batch is not None
+
+    def abort(self, request_ids: list[int]) -> None:
+        ids = set(request_ids)
+        self.waiting = [r for r in self.waiting if r.id not in ids]
+        if self.batch is not None:
+            for row in self.batch.rows:
+                if row.req.id in ids:
+                    row.req.dead = True  # its rows leave the batch at the next step
+            if all(row.req.dead for row in self.batch.rows):
+                self.batch = None
+
+    def add(self, request: EngineRequest) -> None:
+        self.waiting.append(self._prepare(request))
+
+    def step(self) -> list[EngineResult]:
+        with self._torch.inference_mode():
+            if self.batch is None:
+                if not self.waiting:
+                    return []
+                self.batch = self._take_batch(self.max_batch_size, first_always=True)
+                results = self._advance(self.batch, self.batch.prefill())
+            elif self.waiting and not self._joined and self.batch.can_join() and self._fits():
+                # Newcomers join the running batch: prefill them alone (this step), then
+                # merge their cache in. Never two joins in a row, so running rows keep moving.
+                new = self._take_batch(self.max_batch_size - len(self.batch.rows))
+                results = self._advance(new, new.prefill())
+                if new.rows:
+                    self.batch.merge(new)
+                self._joined = True
+                return results
+            else:
+                results = self._advance(self.batch, self.batch.decode())
+            self._joined = False
+            if not self.batch.rows:
+                self.batch = None
+        return results
+
+    def close(self) -> None:
+        self.batch = None
+        self.waiting = []
+        self.hf_model = None
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def _prepare(self, request: EngineRequest) -> _Request:
+        """Validate and tokenize now, so bad input fails this request alone at add()."""
+        p = request.params
+        ids = self._prompt_ids(request)
+        if not ids:
+            raise ValueError("the prompt is empty (0 tokens)")
+        if len(ids) >= self._max_len:
+            raise ContextWindowExceeded(
+                f"the prompt has {len(ids)} tokens, but the model's context limit (max_model_len) "
+                f"is {self._max_len} tokens")
+        if "max_tokens" in p and p["max_tokens"] is None:
+            max_tokens = self._max_len - len(ids)  # vLLM: None means "until the context is full"
+        else:
+            max_tokens = _int(p, "max_tokens", 16, low=1)
+        if len(ids) + max_tokens > self._max_len:
+            raise ContextWindowExceeded(
+                f"the prompt has {len(ids)} tokens and max_tokens is {max_tokens}: together "
+                f"{len(ids) + max_tokens} > the context limit (max_model_len) of {self._max_len} "
+                f"tokens; lower max_tokens to at most {self._max_len - len(ids)}")
+        fmt = p.get("response_format")
+        if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type", "text") == "text"):
+            raise ValueError("response_format is not supported by the hf engine (use vllm)")
+        stop = p.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else list(stop)
+        if not all(isinstance(s, str) and s for s in stop):
+            raise ValueError(f"stop must be a non-empty string or a list of them, got {p.get('stop')!r}")
+        logprobs = p.get("logprobs")
+        if logprobs is not None:
+            logprobs = int(logprobs)
+            if not 0 <= logprobs <= MAX_LOGPROBS:
+                raise ValueError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {logprobs}")
+        temperature = _float(p, "temperature", 1.0, low=0.0)
+        top_p = _float(p, "top_p", 1.0, low=0.0)
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        seed = p.get("seed")
+        req = _Request(
+            id=request.id, prompt_ids=ids, max_tokens=max_tokens, temperature=temperature,
+            top_p=top_p, top_k=_int(p, "top_k", 0, low=-1), stop=stop,
+            ignore_eos=bool(p.get("ignore_eos", False)),
+            presence_penalty=_float(p, "presence_penalty", 0.0),
+            frequency_penalty=_float(p, "frequency_penalty", 0.0),
+            logprobs=logprobs, seed=None if seed is None else int(seed), n=_int(p, "n", 1, low=1))
+        for i in range(req.n):
+            generator = None
+            if req.temperature > 0:
+                # One generator per choice: a seeded request samples the same text whatever
+                # else shares its batch; choices of one request get different streams.
+                generator = self._torch.Generator(device=self.device)
+                generator.manual_seed((req.seed if req.seed is not None else random.getrandbits(62)) + i)
+            req.rows.append(_Row(req, generator))
+        return req
+
+    def _prompt_ids(self, request: EngineRequest) -> list[int]:
+        given = [x is not None for x in (request.prompt, request.messages, request.prompt_token_ids)]
+        if sum(given) != 1:
+            raise ValueError("exactly one of prompt, messages, prompt_token_ids must be given")
+        if request.prompt_token_ids is not None:
+            ids = list(request.prompt_token_ids)
+            bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"prompt_token_ids has ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}")
+            return ids
+        if request.prompt is not None:
+            if not isinstance(request.prompt, str):
+                raise TypeError(f"prompt must be a str, got {type(request.prompt).__name__}")
+            return self.tokenizer(request.prompt).input_ids
+        kwargs = {"add_generation_prompt": True, **(request.params.get("chat_template_kwargs") or {})}
+        # Render to text, then tokenize without adding special tokens (the template has them),
+        # as vLLM does; 5.x's tokenize=True would return a BatchEncoding anyway.
+        text = self.tokenizer.apply_chat_template(_text_messages(request.messages), tokenize=False, **kwargs)
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def _fits(self) -> bool:
+        return len(self.batch.rows) + self.waiting[0].n <= self.max_batch_size
+
+    def _take_batch(self, room: int, first_always: bool = False) -> "_Batch":
+        rows = []
+        # Whole requests only (their n rows together), in arrival order; a fresh batch takes
+        # the first request even if its n alone is over max_batch_size.
+        while self.waiting and ((first_always and not rows) or len(rows) + self.waiting[0].n <= room):
+            rows.extend(self.waiting.pop(0).rows)
+        return _Batch(self, rows)
+
+    # -- one token for every row --------------------------------------------------------------
+
+    def _advance(self, batch: "_Batch", logits) -> list[EngineResult]:
+        """Append one chosen token to every row of ``batch``; drop the rows that are done."""
+        torch = self._torch
+        logits = logits.float()
+        chosen = self._choose(batch.rows, logits)
+        finished_reqs = []
+        for row, token, row_logits in zip(batch.rows, chosen, logits):
+            if row.req.dead:
+                continue
+            row.tokens.append(token)
+            if row.req.logprobs is not None:
+                row.logprobs.append(self._logprob_entry(row_logits, token, row.req.logprobs))
+            self._check_finish(row)
+            # A request's rows are all in this batch or already gone, so exactly its last
+            # row to finish sees them all finished: the request is reported once.
+            if row.finish_reason is not None and all(r.finish_reason for r in row.req.rows):
+                finished_reqs.append(row.req)
+        results = [self._result(req) for req in finished_reqs]
+        keep = [i for i, row in enumerate(batch.rows) if row.finish_reason is None and not row.req.dead]
+        if len(keep) < len(batch.rows):
+            batch.select(keep)  # finished rows stop costing compute
+        batch.last_tokens = torch.tensor([[row.tokens[-1]] for row in batch.rows], dtype=torch.long,
+                                         device=self.device)
+        return results
+
+    def _choose(self, rows: list[_Row], logits) -> list[int]:
+        torch = self._torch
+        logits = logits.clone()
+        for i, row in enumerate(rows):
+            req = row.req
+            if (req.presence_penalty or req.frequency_penalty) and row.tokens:
+                counts = torch.bincount(torch.tensor(row.tokens, device=logits.device),
+                                        minlength=logits.shape[-1]).to(logits.dtype)
+                logits[i] -= req.frequency_penalty * counts + req.presence_penalty * (counts > 0)
+        # Greedy rows: one argmax for the whole batch, the same op generate(do_sample=False) uses.
+        chosen = logits.argmax(dim=-1).tolist()
+        for i, row in enumerate(rows):
+            if row.req.temperature > 0 and not row.req.dead:
+                chosen[i] = self._sample(logits[i], row)
+        return chosen
+
+    def _sample(self, logits, row: _Row) -> int:
+        torch = self._torch
+        req = row.req
+        logits = logits / req.temperature
+        if 0 < req.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, req.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if req.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+            drop = sorted_probs.cumsum(-1) - sorted_probs >= req.top_p
+            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        return int(torch.multinomial(probs, 1, generator=row.generator).item())
+
+    def _logprob_entry(self, logits, token: int, k: int) -> dict:
+        logp = self._torch.log_softmax(logits, dim=-1)
+        entry = {"token_id": token, "token": self.tokenizer.decode([token]), "logprob": float(logp[token])}
+        if k:
+            values, ids = logp.topk(k)
+            entry["top_logprobs"] = [{"token_id": int(t), "token": self.tokenizer.decode([int(t)]),
+                                      "logprob": float(v)} for v, t in zip(values, ids)]
+        return entry
+
+    def _check_finish(self, row: _Row) -> None:
+        req = row.req
+        if row.tokens[-1] in self.eos_ids and not req.ignore_eos:
+            row.finish_reason = "stop"
+        elif req.stop:
+            text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+            cuts = [text.find(s) for s in req.stop if s in text]
+            if cuts:
+                row.text, row.finish_reason = text[:min(cuts)], "stop"
+                return
+        if row.finish_reason is None and len(row.tokens) >= req.max_tokens:
+            row.finish_reason = "length"
+        if row.finish_reason is not None and row.text is None:
+            row.text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+
+    def _result(self, req: _Request) -> EngineResult:
+        return EngineResult(
+            id=req.id, texts=[r.text for r in req.rows], finish_reasons=[r.finish_reason for r in req.rows],
+            prompt_tokens=len(req.prompt_ids), completion_tokens=sum(len(r.tokens) for r in req.rows),
+            logprobs=[r.logprobs for r in req.rows] if req.logprobs is not None else None)
+
+
+class _Batch:
+    """Running rows with their left-padded attention mask, positions and KV cache.
+
+    Left padding keeps every row's newest token in the last column, so one decoding step is
+    one forward over a [rows, 1] input. Pad columns are masked out and positions count only
+    real tokens, so a row computes what it would compute alone (up to float rounding).
+    """
+
+    def __init__(self, engine: HFEngine, rows: list[_Row]):
+        torch = engine._torch
+        self.engine, self.rows = engine, rows
+        self.cache = self.last_tokens = None
+        width = max((len(r.req.prompt_ids) for r in rows), default=0)
+        ids = torch.full((len(rows), width), engine.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            prompt = row.req.prompt_ids
+            ids[i, width - len(prompt):] = torch.tensor(prompt)
+            mask[i, width - len(prompt):] = 1
+        self.input_ids, self.mask = ids.to(engine.device), mask.to(engine.device)
+        # Pads get position 1 (as generate() does); they are masked anyway.
+        self.positions = (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 1)
+
+    def prefill(self):
+        if not self.rows:
+            return self.input_ids.new_zeros((0, self.engine.vocab_size), dtype=self.engine._torch.float32)
+        # No cache passed: the model makes its own (a DynamicCache) and returns it.
+        return self._forward(self.input_ids, self.positions)
+
+    def decode(self):
+        self.mask = self.engine._torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=-1)
+        return self._forward(self.last_tokens, self.positions + 1)
+
+    def _forward(self, input_ids, positions):
+        engine = self.engine
+        kwargs = {} if self.cache is None else {engine.cache_kwarg: self.cache}
+        out = engine.hf_model(input_ids=input_ids, attention_mask=self.mask, position_ids=positions,
+                              use_cache=True, logits_to_keep=1, **kwargs)
+        self.cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        self.positions = positions[:, -1:]
+        return out.logits[:, -1, :]
+
+    def can_join(self) -> bool:
+        """Merging edits the cache tensors: only for plain full-attention layers we know."""
+        from transformers.cache_utils import DynamicLayer
+
+        layers = getattr(self.cache, "layers", None)
+        return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+    def select(self, keep: list[int]) -> None:
+        index = self.engine._torch.tensor(keep, dtype=self.engine._torch.long, device=self.engine.device)
+        self.rows = [self.rows[i] for i in keep]
+        self.mask, self.positions = self.mask[index], self.positions[index]
+        if not keep:
+            self.cache = None
+            return
+        self.cache.batch_select_indices(index)
+        # Columns that are padding in every remaining row (a long prompt left) cost attention
+        # for nothing: cut them.
+        start = int(self.mask.any(0).int().argmax())
+        if start and self.can_join():
+            self.mask = self.mask[:, start:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+
+    def merge(self, other: "_Batch") -> None:
+        """Append ``other``'s rows, left-padding the shorter side's mask and cache."""
+        torch = self.engine._torch
+        pad = torch.nn.functional.pad
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        a, b = width - self.mask.shape[1], width - other.mask.shape[1]
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            # [rows, heads, seq, head_dim]: pad the seq dimension on the left.
+            mine.keys = torch.cat([pad(mine.keys, (0, 0, a, 0)), pad(theirs.keys, (0, 0, b, 0))])
+            mine.values = torch.cat([pad(mine.values, (0, 0, a, 0)), pad(theirs.values, (0, 0, b, 0))])
+        self.mask = torch.cat([pad(self.mask, (a, 0)), pad(other.mask, (b, 0))])
+        self.positions = torch.cat([self.positions, other.positions])
+        self.last_tokens = torch.cat([self.last_tokens, other.last_tokens])
+        self.rows = self.rows + other.rows
+
+
+def _text_messages(messages: Any) -> list[dict[str, Any]]:
+    """OpenAI-style content parts -> plain strings (text templates like SmolLM2's need str)."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...}")
+    out = []
+    for m in messages:
+        if not isinstance(m, dict) or "role" not in m:
+            raise ValueError(f"each message needs a 'role', got {m!r}")
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if not (isinstance(part, dict) and part.get("type") == "text"):
+                    raise ValueError(f"the hf engine accepts only text content parts, got {part!r}")
+                parts.append(part.get("text", ""))
+            m = {**m, "content": "".join(parts)}
+        elif content is None:
+            m = {**m, "content": ""}
+        out.append(m)
+    return out
+
+
+def _int(params: dict, key: str, default: int, low: int | None = None) -> int:
+    value = params.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{key} must be an int, got {value!r}")
+    if low is not None and value < low:
+        raise ValueError(f"{key} must be >= {low}, got {value}")
+    return value
+
+
+def _float(params: dict, key: str, default: float, low: float | None = None) -> float:
+    value = params.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{key} must be a number, got {value!r}")
+    if low is not None and value < low:
+        raise ValueError(f"{key} must be >= {low}, got {value}")
+    return float(value)
