@@ -1,0 +1,306 @@
+"""The vLLM engine: one ``vllm.LLMEngine`` (v1), driven one step at a time.
+
+This is the loop ``vllm.LLM.generate`` runs (``vllm/entrypoints/offline_utils.py``:
+``_add_request`` then ``while has_unfinished_requests(): step()``), opened up so that the
+worker can add requests between steps. It is built the way ``vllm.LLM`` builds its engine
+(``vllm/entrypoints/llm.py``): ``LLMEngine.from_engine_args`` with ``UsageContext.LLM_CLASS``
+(which picks LLM's larger batch defaults: on an H100, max_num_seqs 1024 and
+max_num_batched_tokens 16384, against 128 / 2048 for the default ENGINE_CONTEXT),
+``disable_log_stats=True``, and the engine core in its own process
+(``VLLM_ENABLE_V1_MULTIPROCESSING``, on by default), so that scheduling and the GPU overlap
+with the output processing here. Prompts are rendered with the engine's own renderer, as
+``LLM.generate`` / ``LLM.chat`` do, and every request asks for ``RequestOutputKind.FINAL_ONLY``.
+
+Nothing here imports vLLM or torch at module level: the pool's parent process imports this
+class (for ``resolve``) and must stay free of CUDA.
+
+Options: every key is a ``vllm.EngineArgs`` field (gpu_memory_utilization, max_model_len,
+dtype, enforce_eager, load_format, quantization, enable_prefix_caching, max_num_seqs, seed,
+tensor_parallel_size, ...), except ``capacity``, mpdp's own: the credit this worker
+advertises (default: the scheduler's max_num_seqs plus an eighth, at least 32 more).
+``seed`` (default 0) is offset by the worker index, so that workers do not draw the same
+random numbers (unseeded requests at temperature > 0 would otherwise repeat across workers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import multiprocessing
+from typing import Any
+
+from mpdp.engines.base import ContextWindowExceeded, Engine, EngineRequest, EngineResult, WorkerPlacement
+
+# The EngineRequest.params keys that map one to one onto vllm.SamplingParams fields.
+_SAMPLING_KEYS = frozenset({
+    "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed",
+    "presence_penalty", "frequency_penalty", "logprobs", "ignore_eos",
+})
+_OWN_OPTIONS = frozenset({"capacity"})
+# vLLM's CompletionOutput.finish_reason strings (vllm/v1/engine/__init__.py, FINISH_REASON_STRINGS)
+# onto mpdp's. "repetition" only happens with SamplingParams.repetition_detection, never set here.
+_FINISH = {"stop": "stop", "length": "length", "abort": "abort", "repetition": "stop"}
+
+
+class VLLMEngine(Engine):
+    name = "vllm"
+
+    @classmethod
+    def resolve(cls, model: str, options: dict[str, Any]) -> str:
+        """The local folder vLLM will load (in the parent: the workers must not download)."""
+        from mpdp.models import resolve_model
+
+        return resolve_model(model)
+
+    def __init__(self, model: str, options: dict[str, Any], placement: WorkerPlacement):
+        super().__init__(model, options, placement)
+        engine_kwargs = dict(options)
+        capacity = engine_kwargs.pop("capacity", None)
+        if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
+            raise ValueError(f"capacity must be a positive int, got {capacity!r}")
+        engine_kwargs = _engine_kwargs(engine_kwargs, placement)
+
+        _allow_children()
+        from vllm.engine.arg_utils import EngineArgs
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.llm_engine import LLMEngine
+
+        args = EngineArgs(model=model, **engine_kwargs)
+        self._engine = LLMEngine.from_engine_args(args, usage_context=UsageContext.LLM_CLASS)
+        config = self._engine.vllm_config
+        self._max_model_len = int(config.model_config.max_model_len)
+        self.max_num_seqs = int(config.scheduler_config.max_num_seqs)
+        cache = config.cache_config
+        self.kv_cache_tokens = (cache.num_gpu_blocks or 0) * (cache.block_size or 0)  # for logs/benchmarks
+        # The running batch (max_num_seqs) plus room for what the dispatcher sends while results go out.
+        self._capacity = capacity or self.max_num_seqs + max(32, self.max_num_seqs // 8)
+        self._renderer = self._engine.renderer
+        self._tokenizer = self._engine.get_tokenizer()
+        # The model's generation_config.json defaults (temperature, top_p, ...), as LLM.generate
+        # and the OpenAI server apply them when a request leaves a field out.
+        self._defaults = dict(config.model_config.get_diff_sampling_param())
+        self._live: dict[str, int] = {}   # vLLM request id (str) -> mpdp request id, until returned
+        print(f"mpdp vllm worker {placement.index}: gpus {placement.gpus or 'inherited'}, "
+              f"max_model_len {self._max_model_len}, max_num_seqs {self.max_num_seqs}, "
+              f"kv cache {self.kv_cache_tokens} tokens, capacity {self._capacity}", flush=True)
+
+    # -- the Engine interface ----------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def max_model_len(self) -> int | None:
+        return self._max_model_len
+
+    def add(self, request: EngineRequest) -> None:
+        rid = str(request.id)
+        if rid in self._live:
+            raise ValueError(f"request {request.id} is already in flight on this worker")
+        params = request.params or {}
+        try:
+            sampling = self._sampling_params(params)
+            token_ids = self._prompt_token_ids(request, params.get("chat_template_kwargs"))
+        except ValueError as exc:              # vLLM's own errors subclass ValueError: keep the name simple
+            raise ValueError(str(exc)) from exc
+        except TypeError as exc:
+            raise TypeError(str(exc)) from exc
+        if len(token_ids) >= self._max_model_len:
+            raise ContextWindowExceeded(
+                f"the prompt has {len(token_ids)} tokens but the model's context window is "
+                f"{self._max_model_len} tokens (max_model_len), and at least one must be left to generate")
+        try:
+            from vllm.inputs import TokensPrompt
+
+            # What LLM.generate does for a token prompt: the renderer turns it into the engine's input.
+            (engine_input,) = self._renderer.render_cmpl([TokensPrompt(prompt_token_ids=token_ids)])
+            self._engine.add_request(rid, engine_input, sampling)
+        except ValueError as exc:              # bad ids, bad structured-output schema, ...
+            raise ValueError(f"vLLM rejected the request: {exc}") from exc
+        except TypeError as exc:
+            raise TypeError(f"vLLM rejected the request: {exc}") from exc
+        self._live[rid] = request.id
+
+    def step(self) -> list[EngineResult]:
+        if not self._live:
+            return []
+        results: list[EngineResult] = []
+        if self._engine.has_unfinished_requests():
+            for out in self._engine.step():
+                if not out.finished:           # FINAL_ONLY: only finished ones come, but be sure
+                    continue
+                request_id = self._live.pop(out.request_id, None)
+                if request_id is not None:     # None: aborted meanwhile
+                    results.append(_result(request_id, out))
+        if self._live and not self._engine.has_unfinished_requests():
+            # vLLM holds nothing more, yet some of ours never came back: fail them instead of hanging.
+            for request_id in self._live.values():
+                results.append(EngineResult.failure(
+                    request_id, RuntimeError("vLLM finished without returning this request")))
+            self._live.clear()
+        return results
+
+    def abort(self, request_ids: list[int]) -> None:
+        ids = [rid for rid in map(str, request_ids) if self._live.pop(rid, None) is not None]
+        if ids:
+            self._engine.abort_request(ids)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._live)
+
+    def close(self) -> None:
+        engine, self._engine = getattr(self, "_engine", None), None
+        if engine is None:
+            return
+        in_process = getattr(engine, "model_executor", None) is not None   # VLLM_ENABLE_V1_MULTIPROCESSING=0
+        try:
+            engine.engine_core.shutdown()      # stops the engine core process: its GPU memory goes with it
+        finally:
+            try:
+                engine.renderer.shutdown()
+            except Exception:
+                pass
+            self._renderer = self._tokenizer = None
+            del engine
+            gc.collect()
+            if in_process:                     # the model lived in this process: free it here
+                from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+                cleanup_dist_env_and_memory()
+
+    # -- requests -> vLLM ------------------------------------------------------------------------
+    def _sampling_params(self, params: dict[str, Any]):
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        fields = dict(self._defaults)
+        structured = None
+        for key, value in params.items():
+            if key in _SAMPLING_KEYS:
+                fields[key] = value
+            elif key == "response_format":
+                structured = _structured_outputs(value)
+            elif key != "chat_template_kwargs":
+                raise ValueError(f"the vllm engine does not support the sampling parameter {key!r}")
+        if fields.get("logprobs") is True:     # OpenAI-style boolean: the chosen token only
+            fields["logprobs"] = 0
+        elif fields.get("logprobs") is False:
+            fields["logprobs"] = None
+        return SamplingParams(**fields, structured_outputs=structured,
+                              output_kind=RequestOutputKind.FINAL_ONLY)
+
+    def _prompt_token_ids(self, request: EngineRequest, chat_template_kwargs: dict | None) -> list[int]:
+        if request.prompt_token_ids is not None:
+            return list(request.prompt_token_ids)
+        tokenizer = self._tokenizer
+        if request.prompt is not None:
+            # As vLLM's renderer tokenizes a completion prompt (BOS and all), without truncation
+            # so that the length check below sees the whole prompt.
+            return list(tokenizer.encode(request.prompt, add_special_tokens=True))
+        if request.messages is not None:
+            return self._chat_token_ids(request.messages, chat_template_kwargs or {})
+        raise ValueError("the request has no prompt, messages or prompt_token_ids")
+
+    def _chat_token_ids(self, messages: list[dict[str, Any]], chat_template_kwargs: dict) -> list[int]:
+        """The model's chat template over ``messages``, as ``LLM.chat`` applies it."""
+        from vllm.renderers import ChatParams
+        from vllm.utils.mistral import is_mistral_tokenizer
+
+        kwargs = {"add_generation_prompt": True, "continue_final_message": False}
+        kwargs.update(chat_template_kwargs)    # enable_thinking and the like reach the template
+        kwargs["tokenize"] = is_mistral_tokenizer(self._tokenizer)   # as LLM.chat: text, then tokens
+        _, prompt = self._renderer.render_messages(messages, ChatParams(chat_template_kwargs=kwargs))
+        if "prompt_token_ids" in prompt:
+            return list(prompt["prompt_token_ids"])
+        # Chat prompts carry their special tokens in the template: none added (renderer's chat default).
+        return list(self._tokenizer.encode(prompt["prompt"], add_special_tokens=False))
+
+
+def _engine_kwargs(options: dict[str, Any], placement: WorkerPlacement) -> dict[str, Any]:
+    """Check the options against EngineArgs and fill in what ``vllm.LLM`` fills in."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    known = {f.name for f in dataclasses.fields(EngineArgs)} - {"model"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        hint = " (give the model as Pool(model=...))" if "model" in unknown else ""
+        raise ValueError(f"unknown vllm engine options {unknown}{hint}: each must be a vllm.EngineArgs "
+                         f"field, or one of mpdp's own: {sorted(_OWN_OPTIONS)}")
+    kwargs = dict(options)
+    kwargs.setdefault("disable_log_stats", True)      # as vllm.LLM: no per-step stats
+    kwargs["seed"] = int(kwargs.get("seed") or 0) + placement.index
+    # vllm.LLM turns these from plain dicts into config objects; EngineArgs alone does not.
+    from vllm.config import ProfilerConfig, StructuredOutputsConfig
+
+    for key, cls in (("structured_outputs_config", StructuredOutputsConfig), ("profiler_config", ProfilerConfig)):
+        if isinstance(kwargs.get(key), dict):
+            kwargs[key] = cls(**kwargs[key])
+    if isinstance(kwargs.get("compilation_config"), int) and not isinstance(kwargs["compilation_config"], bool):
+        from vllm.config import CompilationConfig
+        from vllm.config.compilation import CompilationMode
+
+        kwargs["compilation_config"] = CompilationConfig(mode=CompilationMode(kwargs["compilation_config"]))
+    return kwargs
+
+
+def _allow_children() -> None:
+    """vLLM starts its engine core (and, for tensor parallelism, its GPU workers) as
+    ``multiprocessing`` children, which a daemonic process may not have. mpdp's workers are plain
+    interpreters (not daemonic), but an engine built inside a daemonic ``multiprocessing.Process``
+    (a test, another launcher) stops being one here, instead of failing with "daemonic processes
+    are not allowed to have children"; its owner still has to clean up after it."""
+    proc = multiprocessing.current_process()
+    if proc.daemon:
+        proc._config["daemon"] = False   # the setter refuses once started; this is what it sets
+
+
+def _structured_outputs(response_format: Any):
+    """OpenAI ``response_format`` -> vLLM 0.26 ``StructuredOutputsParams`` (as the OpenAI server maps it,
+    ``vllm/entrypoints/openai/engine/protocol.py: structured_outputs_from_response_format``)."""
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if response_format is None:
+        return None
+    if not isinstance(response_format, dict):
+        raise ValueError(f"response_format must be a dict, not {type(response_format).__name__}")
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, (dict, str)):
+            raise ValueError("response_format json_schema needs {'json_schema': {'schema': {...}}}")
+        return StructuredOutputsParams(json=schema)
+    raise ValueError(f"unsupported response_format type {kind!r}; use 'text', 'json_object' or 'json_schema'")
+
+
+def _result(request_id: int, out) -> EngineResult:
+    """A finished vllm RequestOutput -> EngineResult (plain types only: it goes out as msgpack)."""
+    choices = sorted(out.outputs, key=lambda c: c.index)
+    if any(c.finish_reason == "error" for c in choices):
+        return EngineResult.failure(request_id, RuntimeError("vLLM failed this request (finish_reason 'error')"))
+    logprobs = None
+    if any(c.logprobs is not None for c in choices):
+        logprobs = [_chosen_logprobs(c) for c in choices]
+    return EngineResult(
+        id=request_id,
+        texts=[c.text for c in choices],
+        finish_reasons=[_FINISH.get(c.finish_reason, "stop") for c in choices],
+        prompt_tokens=len(out.prompt_token_ids or ()),
+        completion_tokens=sum(len(c.token_ids) for c in choices),
+        logprobs=logprobs,
+    )
+
+
+def _chosen_logprobs(choice) -> list[float | None]:
+    """The log probability of each generated token (vLLM returns a {token id: Logprob} per position,
+    which always holds the sampled token)."""
+    if choice.logprobs is None:
+        return []
+    out: list[float | None] = []
+    for token_id, position in zip(choice.token_ids, choice.logprobs):
+        entry = position.get(token_id) if position else None
+        out.append(float(entry.logprob) if entry is not None else None)
+    return out

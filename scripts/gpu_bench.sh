@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The GPU run: vLLM engine tests, then the scaling benchmark. On the GPU machine, from the
+# project's root, after `source /root/mpdp-gpu/env.sh`:
+#
+#   scripts/gpu_bench.sh OUT_DIR [all|test|bench] [bench/scaling.py flags ...]
+#
+#   all (default)  pytest -m gpu tests/test_vllm_gpu.py, then bench/scaling.py with what is
+#                  left of the time budget (MPDP_BENCH_BUDGET_S, default 560 s for the whole
+#                  call: a device call is cut at 600 s)
+#   test           only the tests
+#   bench          only the benchmark, e.g. the variants a first call had no time for:
+#                  scripts/gpu_bench.sh OUT bench --variants mpdp1:fixed,mpdp2:fixed
+#
+# Writes into OUT_DIR: env.txt, pytest.log, scaling-N.json/.md/.log (N counts the calls),
+# scaling-N-logs/ (one log per engine process), and scaling.png + scaling.md merged over every
+# scaling-*.json there. The benchmark skips what would overrun its budget and prints the
+# --variants that would measure the rest.
+set -uo pipefail
+
+out=${1:?usage: scripts/gpu_bench.sh OUT_DIR [all|test|bench] [bench/scaling.py flags ...]}
+part=${2:-all}
+shift; [ $# -gt 0 ] && shift
+case $part in all|test|bench) ;; *) echo "unknown part '$part' (all, test or bench)" >&2; exit 2;; esac
+
+cd "$(dirname "$0")/.."
+mkdir -p "$out"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export VLLM_USE_FLASHINFER_SAMPLER=${VLLM_USE_FLASHINFER_SAMPLER:-0}
+export PYTHONUNBUFFERED=1
+budget=${MPDP_BENCH_BUDGET_S:-560}
+rc=0
+
+{
+  date; nvidia-smi || true
+  python3 -c "import sys, torch, vllm, transformers; print(sys.version); print('torch', torch.__version__, 'vllm', vllm.__version__, 'transformers', transformers.__version__)"
+  env | grep -E '^(CUDA_VISIBLE_DEVICES|VLLM_|MPDP_|NCCL_)' | sort
+} > "$out/env.txt" 2>&1
+
+if [ "$part" != bench ]; then
+  echo "== tests ($(date +%T))"
+  timeout 300 python3 -m pytest -m gpu tests/test_vllm_gpu.py -v -rs -p no:cacheprovider 2>&1 | tee "$out/pytest.log"
+  test_rc=${PIPESTATUS[0]}
+  [ "$test_rc" -ne 0 ] && rc=$test_rc && echo "== tests failed (exit $test_rc); going on with the benchmark"
+fi
+
+if [ "$part" != test ]; then
+  n=1; while [ -e "$out/scaling-$n.json" ]; do n=$((n + 1)); done
+  left=$((budget - SECONDS))
+  echo "== benchmark, budget ${left}s ($(date +%T))"
+  python3 bench/scaling.py --json "$out/scaling-$n.json" --budget-s "$left" "$@" 2>&1 | tee "$out/scaling-$n.log"
+  bench_rc=${PIPESTATUS[0]}
+  [ "$bench_rc" -ne 0 ] && rc=$bench_rc
+  python3 bench/plot_scaling.py "$out"/scaling-*.json -o "$out/scaling.png" --markdown "$out/scaling.md" || true
+fi
+echo "== done in ${SECONDS}s, exit $rc; results in $out"
+exit $rc
