@@ -1,0 +1,373 @@
+#!/usr/bin/env python3
+"""DSPy ChainOfThought evaluation throughput: mpdp pool vs. k OpenAI-compatible vLLM servers.
+
+    python bench/dspy_eval.py --variants mpdp1,mpdp4,server4 --threads 80,320 --json out.json
+
+Variants: ``mpdp<k>`` (mpdp.dspy.LM on a k-GPU pool) and ``server<k>`` (k vLLM api_servers on
+loopback, one per GPU, DSPy threads spread over them round robin). The DSPy cache is off so every
+question reaches the engines. With dummy weights answers are random (accuracy ~0) and DSPy's
+ChatAdapter may fall back to JSONAdapter (a second LM call): LM calls are counted and reported.
+Self-check on CPU: ``--engine echo`` (mpdp "echo" engine, num_workers=k; server variants skipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import dspy
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import mpdp  # noqa: E402
+import mpdp.dspy  # noqa: E402
+
+REFERENCE = ("seed's reference (different machine/model, context only): "
+             "1 GPU 5.0 questions/min, 4 GPUs 16.7 questions/min, 3.34x")
+
+
+# ─── Data and metric ─────────────────────────────────────────────────────────
+
+
+def make_devset(n: int, seed: int = 0) -> list[dspy.Example]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        out.append(dspy.Example(question=f"What is {a} + {b}?", answer=str(a + b)).with_inputs("question"))
+    return out
+
+
+def metric(example, pred, trace=None) -> bool:
+    return str(getattr(pred, "answer", "")).strip() == example.answer
+
+
+# ─── Round robin over k LMs (server<k>) ──────────────────────────────────────
+
+
+class RoundRobinLM(dspy.BaseLM):
+    """Each call goes to the next of k dspy.LM objects (itertools.count: thread-safe under the GIL)."""
+
+    def __init__(self, lms: list[dspy.LM]):
+        first = lms[0]
+        super().__init__(model=first.model, model_type=first.model_type,
+                         temperature=first.kwargs.get("temperature"),
+                         max_tokens=first.kwargs.get("max_tokens", 1000), cache=False)
+        self.kwargs = dict(first.kwargs)
+        self.lms = lms
+        self._next = itertools.count()
+
+    def _pick(self) -> dspy.LM:
+        return self.lms[next(self._next) % len(self.lms)]
+
+    def __call__(self, *args, **kwargs):
+        return self._pick()(*args, **kwargs)
+
+    async def acall(self, *args, **kwargs):
+        return await self._pick().acall(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        return self._pick().forward(*args, **kwargs)
+
+    async def aforward(self, *args, **kwargs):
+        return await self._pick().aforward(*args, **kwargs)
+
+
+# ─── vLLM servers ────────────────────────────────────────────────────────────
+
+
+def options_to_cli(options: dict) -> list[str]:
+    args = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            args.append(flag)
+        elif value is False or value is None:
+            continue
+        elif isinstance(value, (dict, list)):
+            args += [flag, json.dumps(value)]
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+_LOG_FLAG: list = []
+
+
+def disable_log_flag() -> list[str]:
+    """['--disable-log-requests'] if this vLLM's api_server still has the flag, else []."""
+    if not _LOG_FLAG:
+        try:
+            out = subprocess.run([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--help"],
+                                 capture_output=True, text=True, timeout=180).stdout
+        except Exception:
+            out = ""
+        _LOG_FLAG.append(["--disable-log-requests"] if "--disable-log-requests" in out else [])
+    return _LOG_FLAG[0]
+
+
+def http_get(url: str, timeout: float = 5.0) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.read().decode()
+
+
+def scrape_metrics(port: int) -> dict[str, float]:
+    """Summed vLLM Prometheus counters: successful requests and generation tokens."""
+    totals = {"requests": 0.0, "tokens": 0.0}
+    try:
+        text = http_get(f"http://127.0.0.1:{port}/metrics")
+    except Exception:
+        return totals
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        try:
+            value = float(line.rsplit(" ", 1)[1])
+        except (IndexError, ValueError):
+            continue
+        if name == "vllm:request_success_total":
+            totals["requests"] += value
+        elif name == "vllm:generation_tokens_total":
+            totals["tokens"] += value
+    return totals
+
+
+class Servers:
+    def __init__(self, model: str, k: int, options: dict, base_port: int, timeout: float, log_dir: str):
+        self.ports = [base_port + i for i in range(k)]
+        self.procs = []
+        extra = options_to_cli(options) + disable_log_flag()
+        os.makedirs(log_dir, exist_ok=True)
+        for i, port in enumerate(self.ports):
+            cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+                   "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "bench", *extra]
+            env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(i))
+            log = open(os.path.join(log_dir, f"server{k}_{i}.log"), "w")
+            print(f"  starting: CUDA_VISIBLE_DEVICES={i} {' '.join(cmd)}", flush=True)
+            self.procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                               start_new_session=True))
+        deadline = time.monotonic() + timeout
+        pending = set(self.ports)
+        while pending:
+            for proc in self.procs:
+                if proc.poll() is not None:
+                    self.close()
+                    raise RuntimeError(f"a vLLM server exited with {proc.returncode} (logs in {log_dir})")
+            for port in list(pending):
+                try:
+                    http_get(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+                    pending.discard(port)
+                except Exception:
+                    pass
+            if pending and time.monotonic() > deadline:
+                self.close()
+                raise TimeoutError(f"vLLM servers on {sorted(pending)} not up after {timeout:.0f} s")
+            if pending:
+                time.sleep(2)
+
+    def metrics(self) -> dict[str, float]:
+        total = {"requests": 0.0, "tokens": 0.0}
+        for port in self.ports:
+            for key, value in scrape_metrics(port).items():
+                total[key] += value
+        return total
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait()
+        self.procs = []
+
+
+# ─── Running one variant ─────────────────────────────────────────────────────
+
+
+def pool_counts(pool) -> dict[str, float]:
+    workers = pool.stats()["workers"]
+    return {"requests": float(sum(w["requests"] for w in workers)),
+            "tokens": float(sum(w["tokens"] for w in workers))}
+
+
+def evaluate(lm, devset, threads: int) -> tuple[float, float]:
+    program = dspy.ChainOfThought("question -> answer")
+    evaluator = dspy.Evaluate(devset=devset, metric=metric, num_threads=threads, display_progress=False,
+                              max_errors=len(devset) * 10 + 10, provide_traceback=False)
+    with dspy.context(lm=lm):
+        t0 = time.perf_counter()
+        result = evaluator(program)
+        wall = time.perf_counter() - t0
+    score = getattr(result, "score", result)
+    return wall, float(score)
+
+
+def run_variant(name: str, k: int, kind: str, thread_list: list[int], args, devset, options) -> list[dict]:
+    rows = []
+    setup_t0 = time.perf_counter()
+    if kind == "mpdp":
+        if args.engine == "echo":
+            pool = mpdp.Pool(model=args.model, engine="echo", num_workers=k)
+        else:
+            pool = mpdp.Pool(model=args.model, engine=args.engine, num_gpus=k, engine_options=options)
+        try:
+            lm = mpdp.dspy.LM(model=args.model, pool=pool, max_tokens=args.max_tokens,
+                              temperature=0.6, cache=False)
+            lm("Say hi.")                                   # warm: the pool answers before timing
+            setup_s = time.perf_counter() - setup_t0
+            for threads in thread_list:
+                before = pool_counts(pool)
+                wall, score = evaluate(lm, devset, threads)
+                after = pool_counts(pool)
+                rows.append(row(name, k, threads, wall, score, after, before, setup_s, len(devset)))
+        finally:
+            pool.close()
+    else:
+        servers = Servers(args.model, k, options, args.base_port, args.server_timeout, args.log_dir)
+        try:
+            lms = [dspy.LM("openai/bench", api_base=f"http://127.0.0.1:{p}/v1", api_key="x",
+                           max_tokens=args.max_tokens, temperature=0.6, cache=False) for p in servers.ports]
+            for one in lms:
+                one("Say hi.")                              # warm every server
+            lm = RoundRobinLM(lms) if k > 1 else lms[0]
+            setup_s = time.perf_counter() - setup_t0
+            for threads in thread_list:
+                before = servers.metrics()
+                wall, score = evaluate(lm, devset, threads)
+                time.sleep(1)                               # let the counters settle
+                after = servers.metrics()
+                rows.append(row(name, k, threads, wall, score, after, before, setup_s, len(devset)))
+        finally:
+            servers.close()
+    return rows
+
+
+def row(name, k, threads, wall, score, after, before, setup_s, n) -> dict:
+    calls = after["requests"] - before["requests"]
+    tokens = after["tokens"] - before["tokens"]
+    return {"variant": name, "gpus": k, "threads": threads, "questions": n, "wall_s": wall,
+            "questions_per_min": n / wall * 60, "lm_calls": int(calls), "output_tokens": int(tokens),
+            "output_tokens_per_s": tokens / wall, "calls_per_question": calls / n,
+            "score": score, "setup_s": setup_s}
+
+
+# ─── Report ──────────────────────────────────────────────────────────────────
+
+
+def table(rows: list[dict]) -> str:
+    def find(variant, threads):
+        return next((r for r in rows if r["variant"] == variant and r["threads"] == threads), None)
+
+    lines = ["| variant | GPUs | threads | questions/min | wall s | LM calls | output tok/s | vs mpdp1 | vs server<k> |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        base = find("mpdp1", r["threads"])
+        server = find(f"server{r['gpus']}", r["threads"])
+        vs1 = f"{r['questions_per_min'] / base['questions_per_min']:.2f}x" if base else "-"
+        vss = f"{r['questions_per_min'] / server['questions_per_min']:.2f}x" if server else "-"
+        lines.append(f"| {r['variant']} | {r['gpus']} | {r['threads']} | {r['questions_per_min']:.1f} | "
+                     f"{r['wall_s']:.1f} | {r['lm_calls']} | {r['output_tokens_per_s']:.0f} | {vs1} | {vss} |")
+    return "\n".join(lines)
+
+
+def estimate_s(kind: str, k: int, n_threads: int, args, rows: list[dict]) -> float:
+    """Rough: start-up plus N questions at the best rate seen so far scaled by GPUs (else 30/min/GPU)."""
+    startup = 5 if args.engine == "echo" else (90 if kind == "mpdp" else 120)
+    rates = [r["questions_per_min"] / r["gpus"] for r in rows]
+    per_gpu = max(rates) if rates else 30.0
+    return startup + n_threads * args.questions / (per_gpu * k) * 60
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=os.path.join(os.environ.get("MPDP_GPU_MODELS", "."), "qwen3-8b-shape"))
+    p.add_argument("--questions", type=int, default=500)
+    p.add_argument("--threads", default="80", help="one number or a comma list (each variant runs at each)")
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--engine-options", default='{"load_format": "dummy"}', help="JSON")
+    p.add_argument("--variants", default="mpdp1,mpdp4,server4")
+    p.add_argument("--json", default=None)
+    p.add_argument("--budget-s", type=float, default=None)
+    p.add_argument("--server-timeout", type=float, default=300.0)
+    p.add_argument("--base-port", type=int, default=8100)
+    p.add_argument("--log-dir", default="/tmp/dspy_eval_logs")
+    p.add_argument("--engine", default="vllm", help=argparse.SUPPRESS)   # "echo": CPU self-check
+    args = p.parse_args()
+
+    logging.getLogger("LiteLLM").setLevel(logging.WARNING)
+    logging.getLogger("dspy").setLevel(logging.CRITICAL)   # one parse-failure log per question otherwise
+    dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=False)
+    thread_list = [int(t) for t in str(args.threads).split(",") if t.strip()]
+    options = json.loads(args.engine_options)
+    devset = make_devset(args.questions)
+    started = time.monotonic()
+    rows: list[dict] = []
+    skipped: list[str] = []
+
+    for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
+        kind = "mpdp" if name.startswith("mpdp") else "server" if name.startswith("server") else None
+        if kind is None:
+            raise SystemExit(f"unknown variant {name!r} (mpdp<k> or server<k>)")
+        k = int(name[len(kind):] or 1)
+        if kind == "server" and args.engine == "echo":
+            skipped.append(f"{name} (echo engine: no servers)")
+            print(f"skip {name}: echo engine", flush=True)
+            continue
+        if args.budget_s is not None:
+            left = args.budget_s - (time.monotonic() - started)
+            need = estimate_s(kind, k, len(thread_list), args, rows)
+            if need > left:
+                skipped.append(f"{name} (estimate {need:.0f} s > {left:.0f} s left)")
+                print(f"skip {name}: estimate {need:.0f} s > {left:.0f} s left", flush=True)
+                continue
+        print(f"== {name}: {k} GPU(s), threads {thread_list}", flush=True)
+        try:
+            new = run_variant(name, k, kind, thread_list, args, devset, options)
+        except Exception as e:                       # one failed variant must not lose the others
+            print(f"!! {name} failed: {type(e).__name__}: {e}", flush=True)
+            skipped.append(f"{name} (failed: {type(e).__name__}: {e})")
+            new = []
+        for r in new:
+            print(f"   threads {r['threads']}: {r['questions_per_min']:.1f} q/min, {r['wall_s']:.1f} s, "
+                  f"{r['lm_calls']} LM calls ({r['calls_per_question']:.2f}/q), "
+                  f"{r['output_tokens']} out tokens ({r['output_tokens_per_s']:.0f}/s), "
+                  f"score {r['score']:.1f}, setup {r['setup_s']:.0f} s", flush=True)
+        rows += new
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"args": vars(args), "rows": rows, "skipped": skipped, "reference": REFERENCE},
+                          f, indent=2)
+
+    print()
+    print(table(rows))
+    print()
+    print(REFERENCE)
+    if skipped:
+        print("skipped: " + "; ".join(skipped))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "rows": rows, "skipped": skipped, "reference": REFERENCE}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""The seed's API on an mpdp pool: change one import, keep the rest of the code.
+
+    # before: from vllm_dspy_adapter import vLLMOfflineMultiGPU
+    from mpdp.compat import vLLMOfflineMultiGPU        # or: from mpdp import vLLMOfflineMultiGPU
+
+    lm = vLLMOfflineMultiGPU(model="/models/Qwen3-8B", num_gpus=4, temperature=0.6, max_tokens=2048)
+    dspy.configure(lm=lm)                                # a dspy.LM: Predict, Evaluate, GEPA as before
+    lm("What is 2+2?")                                   # ['4']
+    lm.batch_generate(prompts, max_tokens=100)           # strings, in input order
+
+Both classes are :class:`mpdp.integrations.dspy.LM` (a ``dspy.LM``), so DSPy's cache, retries,
+history and usage tracking apply to ``lm(...)`` and to programs; ``batch_generate`` goes straight
+to the pool. When ``engine`` is not given it is "vllm" where vLLM is installed and a GPU is
+visible, else "hf" on the CPU with one worker per requested GPU (at most one per core). As with
+every mpdp LM, no worker starts before the first call.
+
+``python -m mpdp.dspy multigpu`` runs the seed's example: a batch of arithmetic prompts, then a
+small ``dspy.ChainOfThought`` math evaluation through ``dspy.Evaluate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import time
+from collections import Counter
+from typing import Any
+
+from mpdp.integrations.dspy import DEFAULT_MODEL, LM, _EngineBase, split_reasoning
+
+logger = logging.getLogger("mpdp")
+
+__all__ = ["vLLMOfflineMultiGPU", "vLLMOffline", "main"]
+
+# The DSPy call keywords the pool does not take as sampling (dropped by batch_generate).
+_NOT_POOL_SAMPLING = frozenset({"rollout_id", "reasoning_effort", "top_logprobs", "num_retries", "cache"})
+
+
+class vLLMOfflineMultiGPU(LM):  # noqa: N801 - the seed's name
+    """One model replica per GPU (or per ``tensor_parallel_size`` GPUs), as one DSPy LM.
+
+    ``gpu_memory_utilization``, ``max_model_len``, ``max_num_seqs`` and ``trust_remote_code`` go to
+    vLLM; on the CPU fallback they are ignored. ``model`` defaults to ``$MPDP_MODEL``, then the
+    seed's ``$VLLM_MODEL_PATH``, then the embedded SmolLM2-135M-Instruct.
+    """
+
+    def __init__(self, model: str | None = None, num_gpus: int = 4, gpu_memory_utilization: float = 0.9,
+                 max_model_len: int | None = None, max_tokens: int = 2048, temperature: float = 0.6,
+                 top_p: float = 0.95, tensor_parallel_size: int = 1, *, engine: str | None = None,
+                 num_workers: int | None = None, max_num_seqs: int | None = None,
+                 trust_remote_code: bool | None = None, engine_options: dict[str, Any] | None = None,
+                 **kw):
+        from mpdp.pool import default_engine
+
+        self.requested_gpus = num_gpus
+        if isinstance(engine, _EngineBase):      # loading a saved program: the engines come built
+            super().__init__(model, engine=engine, temperature=temperature, max_tokens=max_tokens, top_p=top_p,
+                             **kw)
+            return
+        model = model or os.environ.get("MPDP_MODEL") or os.environ.get("VLLM_MODEL_PATH") or DEFAULT_MODEL
+        engine = engine or default_engine()
+        options = dict(engine_options or {})
+        if engine == "vllm":
+            vllm_options = {"gpu_memory_utilization": gpu_memory_utilization, "max_model_len": max_model_len,
+                            "max_num_seqs": max_num_seqs, "trust_remote_code": trust_remote_code}
+            options = {**{k: v for k, v in vllm_options.items() if v is not None}, **options}
+            placement = {"num_gpus": num_gpus, "num_workers": num_workers}
+        else:
+            # No GPU: as many CPU workers as the GPUs asked for (one per core at most).
+            replicas = max(1, num_gpus // max(1, tensor_parallel_size))
+            placement = {"num_workers": num_workers or max(1, min(replicas, os.cpu_count() or 1))}
+        super().__init__(model, engine=engine,
+                         tensor_parallel_size=tensor_parallel_size if engine == "vllm" else 1,
+                         engine_options=options, temperature=temperature, max_tokens=max_tokens, top_p=top_p,
+                         **placement, **kw)
+
+    def batch_generate(self, prompts: list[Any], *, chat: bool = True, **overrides) -> list[Any]:
+        """Generate for every prompt at once, spread over the workers; results in input order.
+
+        Each prompt is a string (sent as one user message; ``chat=False`` sends it as raw text
+        without the chat template), a messages list, or a dict as ``Pool.generate`` takes.
+        ``overrides`` are sampling keywords for this batch. Returns strings, or for ``n > 1`` a
+        list of n strings per prompt. Reasoning (``<think>…</think>``) is cut from each answer.
+        Bypasses DSPy's cache and history (it is the pool's own batch call).
+        """
+        items = [{"messages": [{"role": "user", "content": p}]} if chat and isinstance(p, str) else p
+                 for p in prompts]
+        sampling = {k: v for k, v in {**self.kwargs, **overrides}.items()
+                    if v is not None and k not in _NOT_POOL_SAMPLING}
+        pool = self.pool
+        start = time.monotonic()
+        completions = pool.generate(items, timeout=self._engine_spec.request_timeout, **sampling)
+        self._log_distribution(pool, completions, time.monotonic() - start)
+        tags = self._engine_spec.reasoning_tags
+        if sampling.get("n", 1) > 1:
+            return [[split_reasoning(text, tags)[1] for text in c.choices] for c in completions]
+        return [split_reasoning(c.text, tags)[1] for c in completions]
+
+    @staticmethod
+    def _log_distribution(pool, completions, seconds: float) -> None:
+        served = Counter(c.worker for c in completions)
+        gpus = {w["index"]: w.get("gpus") for w in pool.stats().get("workers", [])}
+        shares = ", ".join(f"worker {w}{f' (GPU {_gpu_list(gpus.get(w))})' if gpus.get(w) else ''}: {n}"
+                           for w, n in sorted(served.items()))
+        logger.info("batch_generate: %d prompts in %.2f s on %d workers: %s",
+                    len(completions), seconds, len(served), shares)
+
+    def inspect(self) -> dict[str, Any]:
+        """The configuration and, once started, the pool's per-worker figures (the seed's inspect())."""
+        spec = self.handle.spec
+        info = {"model": spec.model, "engine": spec.engine, "num_gpus_requested": self.requested_gpus,
+                "num_workers": spec.num_workers, "tensor_parallel_size": spec.tensor_parallel_size,
+                "engine_options": dict(spec.engine_options),
+                "temperature": self.kwargs.get("temperature"), "max_tokens": self.kwargs.get("max_tokens"),
+                "top_p": self.kwargs.get("top_p"), "started": self.pool_started}
+        stats = self.stats()
+        if stats is not None:
+            info["workers"] = [{k: w.get(k) for k in ("index", "gpus", "requests", "tokens", "state")}
+                               for w in stats["workers"]]
+            info["total_requests"] = stats.get("submitted")
+        return info
+
+    def shutdown(self) -> None:
+        """Stop the workers (the seed's name for close())."""
+        self.close()
+
+
+class vLLMOffline(vLLMOfflineMultiGPU):  # noqa: N801 - the seed's name
+    """One model instance (on one GPU, or ``tensor_parallel_size`` GPUs; one CPU worker without GPU)."""
+
+    def __init__(self, model: str | None = None, tensor_parallel_size: int = 1,
+                 gpu_memory_utilization: float = 0.9, max_model_len: int | None = None, max_tokens: int = 2048,
+                 temperature: float = 0.6, top_p: float = 0.95, **kw):
+        kw.setdefault("num_workers", 1)
+        super().__init__(model, num_gpus=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+                         max_model_len=max_model_len, max_tokens=max_tokens, temperature=temperature,
+                         top_p=top_p, tensor_parallel_size=tensor_parallel_size, **kw)
+
+
+def _gpu_list(gpus) -> str:
+    return ",".join(str(g) for g in gpus) if isinstance(gpus, (list, tuple)) else str(gpus)
+
+
+# ─── python -m mpdp.dspy multigpu ────────────────────────────────────────────
+
+
+def _first_int(text: Any) -> int | None:
+    match = re.search(r"-?\d+", str(text or "").replace(",", ""))
+    return int(match.group()) if match else None
+
+
+def example_multigpu(args) -> float:
+    """The seed's example: a batch of sums, then ChainOfThought on small math questions."""
+    import dspy
+
+    lm = vLLMOfflineMultiGPU(model=args.model, num_gpus=args.num_gpus, engine=args.engine,
+                             num_workers=args.num_workers, temperature=args.temperature,
+                             max_tokens=args.max_tokens, cache=False)
+    dspy.configure(lm=lm)
+    print(f"configuration: {lm.inspect()}")
+
+    prompts = [f"What is {i} + {i + 1}? Answer with the number only." for i in range(args.num_prompts)]
+    start = time.monotonic()
+    results = lm.batch_generate(prompts, max_tokens=min(args.max_tokens, 16), temperature=0.0)
+    seconds = time.monotonic() - start
+    print(f"\nbatch_generate: {len(prompts)} prompts in {seconds:.2f} s ({len(prompts) / seconds:.1f}/s)")
+    for prompt, answer in list(zip(prompts, results))[:5]:
+        print(f"  {prompt} -> {answer.strip()[:50]!r}")
+
+    devset = [dspy.Example(question=f"What is {a} * {b} + {a}?", answer=str(a * b + a)).with_inputs("question")
+              for a, b in ((i % 9 + 2, i % 7 + 3) for i in range(args.num_questions))]
+
+    def metric(example, prediction, trace=None):
+        return _first_int(getattr(prediction, "answer", None)) == int(example.answer)
+
+    program = dspy.ChainOfThought("question -> answer")
+    evaluate = dspy.Evaluate(devset=devset, metric=metric, num_threads=args.threads, display_progress=True,
+                             max_errors=len(devset) + 1)   # a small model may not follow the format
+    start = time.monotonic()
+    result = evaluate(program)
+    seconds = time.monotonic() - start
+    print(f"\nChainOfThought on {len(devset)} questions: score {result.score:.1f} in {seconds:.1f} s")
+    print(f"pool: {lm.inspect().get('workers')}")
+    lm.shutdown()
+    return result.score
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m mpdp.dspy",
+        description="The seed's multi-GPU example on an mpdp pool: a batch of sums through batch_generate, "
+                    "then dspy.ChainOfThought on small math questions through dspy.Evaluate.")
+    parser.add_argument("example", nargs="?", default="multigpu", choices=["multigpu"])
+    parser.add_argument("--model", default=None, help="model folder or name (default: $MPDP_MODEL, "
+                        "$VLLM_MODEL_PATH, or the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--engine", default=None, choices=["vllm", "hf", "echo"],
+                        help="default: vllm with a GPU, else hf")
+    parser.add_argument("--num-gpus", type=int, default=None,
+                        help="default: every visible GPU (on CPU: 2 workers)")
+    parser.add_argument("--num-workers", type=int, default=None, help="CPU workers (hf/echo)")
+    parser.add_argument("--num-prompts", type=int, default=None, help="default: 100 on GPU, 8 on CPU")
+    parser.add_argument("--num-questions", type=int, default=None, help="default: 50 on GPU, 6 on CPU")
+    parser.add_argument("--threads", type=int, default=80)
+    parser.add_argument("--max-tokens", type=int, default=None, help="default: 500 on GPU, 96 on CPU")
+    parser.add_argument("--temperature", type=float, default=0.6)
+    args = parser.parse_args(argv)
+
+    from mpdp.pool import default_engine
+    from mpdp.supervisor import visible_gpus
+
+    on_gpu = (args.engine or default_engine()) == "vllm"
+    args.num_gpus = args.num_gpus or (len(visible_gpus()) if on_gpu else 2)
+    args.num_prompts = args.num_prompts or (100 if on_gpu else 8)
+    args.num_questions = args.num_questions or (50 if on_gpu else 6)
+    args.max_tokens = args.max_tokens or (500 if on_gpu else 96)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("mpdp").setLevel(logging.INFO)
+    example_multigpu(args)
+    return 0

@@ -1,0 +1,1 @@
+"""Integrations of the pool with other frameworks (DSPy: ``mpdp.integrations.dspy``)."""
