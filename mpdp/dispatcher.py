@@ -16,7 +16,10 @@ Callers never touch a socket: they append to a deque and wake the dispatcher thr
 the wake pipe and every worker's process sentinel, so a dead worker is seen at once, never by
 blocking on a data socket. Every future is resolved exactly once, here: when a worker dies, its
 in-flight requests (exactly those the scheduler says it held) go back to the queue, or fail
-with WorkerCrashed once they have been on ``max_crashes`` dead workers.
+with WorkerCrashed once they have been on ``max_crashes`` dead workers. A request's last
+allowed attempt runs isolated from other such suspects (one per worker at a time, next to
+fresh work): a request that kills every worker it reaches (a poison pill) therefore fails
+alone, and the requests that crashed with it are never failed for its sake.
 """
 
 from __future__ import annotations
@@ -95,6 +98,8 @@ class Dispatcher:
         # Closed only when the dispatcher is collected: a late post() must never write to a reused fd.
         weakref.finalize(self, _close_fds, self._wake_r, self._wake_w)
         self._pending: dict[int, Entry] = {}
+        self._suspects: deque[Ticket] = deque()  # on their last attempt; see the module docstring
+        self._suspect_on: dict[int, int] = {}    # worker index -> the one such suspect it holds
         self._deadlines: list[tuple[float, int]] = []
         self._ctx = zmq.Context()
         self._auth = start_curve_authenticator(self._ctx, transport.curve) if transport.curve else None
@@ -168,13 +173,15 @@ class Dispatcher:
         return max(0, int(timeout * 1000))
 
     def _drain_commands(self, now: float) -> None:
-        # Clear the flag *before* draining: a command appended after the drain saw the flag
-        # cleared and wrote to the pipe, so no wake-up is ever lost.
-        self._woken = False
+        # Empty the pipe, then clear the flag, then drain: a command appended after the drain saw
+        # the flag cleared and wrote to the pipe, so no wake-up is ever lost. (Clearing before
+        # the read lost them: a poster could write between the two, the read swallowed its byte,
+        # the flag stayed set, and every later command sat in the deque unseen.)
         try:
             os.read(self._wake_r, 65536)
         except BlockingIOError:
             pass
+        self._woken = False
         commands = self._commands
         while commands:
             kind, arg = commands.popleft()
@@ -209,6 +216,7 @@ class Dispatcher:
     def _abort_in_engine(self, request_id: int) -> None:
         index = self.scheduler.drop(request_id)
         if index is not None:
+            self._release_suspect(index, request_id)
             self._send(self.slots[index], protocol.ABORT, [request_id])
 
     # -- from workers -------------------------------------------------------------------------------
@@ -272,6 +280,8 @@ class Dispatcher:
             if entry is None:                  # cancelled or timed out meanwhile
                 continue
             finished(index, res.id)
+            if self._suspect_on:
+                self._release_suspect(index, res.id)
             slot.requests += 1
             slot.tokens += res.completion_tokens
             slot.prompt_tokens += res.prompt_tokens
@@ -290,7 +300,9 @@ class Dispatcher:
         cause = self.supervisor.reap(slot, now)
         self._by_identity.pop(slot.identity, None)
         log.warning("mpdp: %s", cause)
-        requeue = []
+        self._suspect_on.pop(slot.index, None)
+        requeue, last_try = [], []
+        tail = None                            # read the log once, not once per failed request
         for ticket in self.scheduler.remove_worker(slot.index):
             entry = self._pending.get(ticket.id)
             if entry is None:
@@ -298,13 +310,18 @@ class Dispatcher:
             entry.crashes += 1
             if entry.crashes >= self.max_crashes:
                 del self._pending[ticket.id]
+                if tail is None:
+                    tail = self.supervisor.stderr_tail(slot)
                 self._fail(entry, errors.WorkerCrashed(
                     f"request {ticket.id} was in flight on {entry.crashes} workers that died; "
                     f"the last: {cause}", worker=slot.index, exitcode=slot.process.exitcode,
-                    stderr_tail=self.supervisor.stderr_tail(slot), attempts=entry.crashes))
+                    stderr_tail=tail, attempts=entry.crashes))
+            elif entry.crashes == self.max_crashes - 1:
+                last_try.append(ticket)
             else:
                 requeue.append(ticket)
         self.scheduler.enqueue_front(requeue)
+        self._suspects.extend(last_try)
         if was_starting and self.state == PoolState.STARTING:
             self._break(errors.WorkerStartError(f"a worker failed to start: {cause}"))
         elif not any(s.state != SlotState.FAILED for s in self.slots):
@@ -332,6 +349,8 @@ class Dispatcher:
 
     # -- to workers ---------------------------------------------------------------------------------
     def _dispatch(self, now: float) -> None:
+        if self._suspects:
+            self._dispatch_suspects(now)
         if not self.scheduler.waiting:
             return
         for index, tickets in self.scheduler.schedule().items():
@@ -341,6 +360,30 @@ class Dispatcher:
             if slot.first_dispatch is None:
                 slot.first_dispatch = now
             self._send(slot, protocol.SUBMIT, wire)
+
+    def _dispatch_suspects(self, now: float) -> None:
+        """Give each worker that holds no suspect on its last attempt one more, if it has credit."""
+        for index, load in self.scheduler.workers.items():
+            if not self._suspects:
+                return
+            if index in self._suspect_on or load.free <= 0:
+                continue
+            while self._suspects:
+                ticket = self._suspects.popleft()
+                entry = self._pending.get(ticket.id)
+                if entry is None:              # cancelled or timed out while it waited
+                    continue
+                self.scheduler.assign(index, ticket)
+                self._suspect_on[index] = ticket.id
+                slot = self.slots[index]
+                if slot.first_dispatch is None:
+                    slot.first_dispatch = now
+                self._send(slot, protocol.SUBMIT, [protocol.request_to_wire(entry.request)])
+                break
+
+    def _release_suspect(self, index: int, request_id: int) -> None:
+        if self._suspect_on.get(index) == request_id:
+            del self._suspect_on[index]
 
     def _send(self, slot: Slot, tag: int, body) -> None:
         try:
@@ -400,6 +443,7 @@ class Dispatcher:
     def _fail_all(self, exc: BaseException) -> None:
         pending, self._pending = self._pending, {}
         self.scheduler.waiting.clear()
+        self._suspects.clear()
         for entry in pending.values():
             self._fail(entry, exc)
 
@@ -414,6 +458,10 @@ class Dispatcher:
         for slot in self.slots:
             if slot.state == SlotState.READY:
                 self._send(slot, protocol.SHUTDOWN, {})
+            elif slot.state == SlotState.STARTING:
+                # Nothing to drain, and it will never see a SHUTDOWN it connects too late for:
+                # waiting would cost the whole shutdown_timeout (a worker restarting after a crash).
+                self.supervisor.kill(slot, "the pool closed while it was starting")
         self.supervisor.stop_all(self.shutdown_timeout)
         # Anything that raced in after the final state change still gets an answer.
         while self._commands:

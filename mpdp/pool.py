@@ -186,8 +186,9 @@ class Pool:
         with _no_gc():
             entries = [self._item_entry(item, params, timeout) for item in items]
         futures = []
-        for i in range(0, len(entries), _CHUNK):
-            futures.extend(self._post(entries[i:i + _CHUNK]))
+        chunk = min(_CHUNK, self.max_pending)    # a bigger chunk than max_pending never finds room
+        for i in range(0, len(entries), chunk):
+            futures.extend(self._post(entries[i:i + chunk]))
         return futures
 
     def _item_entry(self, item, params, timeout) -> Entry:

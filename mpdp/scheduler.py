@@ -107,6 +107,13 @@ class Scheduler:
         """Put requests back at the head of the queue (they were in flight on a worker that died)."""
         self.waiting.extendleft(reversed(list(tickets)))
 
+    def assign(self, index: int, ticket: Ticket) -> None:
+        """Bind one request to this worker, bypassing the queue and the policy (the dispatcher's
+        crash suspects, which it retries one per worker)."""
+        load = self.workers[index]
+        load.in_flight[ticket.id] = ticket
+        load.outstanding += ticket.cost
+
     def drop(self, request_id: int) -> int | None:
         """Forget a request wherever it is. Returns the worker index holding it, or None if it was waiting."""
         for load in self.workers.values():

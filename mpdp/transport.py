@@ -104,8 +104,11 @@ class _KeySet:
         self.keys = keys
 
     def callback(self, domain: str, key: bytes) -> bool:
-        # zmq passes the raw 32-byte key; the set holds z85 text.
-        return zmq.utils.z85.encode(key) in self.keys
+        # pyzmq's authenticator hands over the key already z85-encoded (40 bytes), like the set;
+        # encoding it again refused every worker, so a curve pool never started. Accept raw too.
+        if len(key) == 32:
+            key = zmq.utils.z85.encode(key)
+        return key in self.keys
 
 
 def _common_options(sock: zmq.Socket) -> None:

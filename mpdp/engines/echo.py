@@ -5,22 +5,28 @@ one character counts as one token. Options:
 
 - ``delay_s``: each request finishes this many seconds after it arrived (holds requests in flight);
 - ``capacity``: the credit it advertises (default 4096);
+- ``max_model_len``: a context in characters: ``add`` raises ContextWindowExceeded when the prompt
+  plus ``max_tokens`` does not fit (as the real engines do), and READY reports it;
 - ``faults``: when true, a prompt ``"!fault:<kind>"`` makes the engine fail in that way, so the
   failure tests can crash a real worker: ``exit`` (``os._exit(3)``), ``kill`` (SIGKILL itself),
   ``segv`` (SIGSEGV itself), ``raise`` (an exception in ``step``), ``hang`` (``step`` never returns),
-  ``reject`` (``add`` raises ValueError: a bad request, not a crash).
+  ``reject`` (``add`` raises ValueError: a bad request, not a crash). The prompt ``"!held"``
+  answers at once with the ids of the other requests the engine holds (``"3 7"``), so a test
+  can see that a cancelled or timed-out request was really aborted inside the engine.
 """
 
 from __future__ import annotations
 
 import heapq
 import os
+import resource
 import signal
 import time
 
-from mpdp.engines.base import Engine, EngineRequest, EngineResult, WorkerPlacement
+from mpdp.engines.base import ContextWindowExceeded, Engine, EngineRequest, EngineResult, WorkerPlacement
 
 FAULT_PREFIX = "!fault:"
+HELD_PROBE = "!held"
 
 
 class EchoEngine(Engine):
@@ -28,29 +34,45 @@ class EchoEngine(Engine):
 
     def __init__(self, model: str, options: dict, placement: WorkerPlacement):
         super().__init__(model, options, placement)
-        unknown = set(options) - {"delay_s", "capacity", "faults"}
+        unknown = set(options) - {"delay_s", "capacity", "faults", "max_model_len"}
         if unknown:
             raise ValueError(f"unknown echo engine options: {sorted(unknown)}")
         self.delay_s = float(options.get("delay_s", 0.0))
         self._capacity = int(options.get("capacity", 4096))
         self.faults = bool(options.get("faults", False))
+        self._max_model_len = int(options["max_model_len"]) if options.get("max_model_len") else None
         self._due: list[tuple[float, int]] = []          # (due time, request id), a heap
         self._held: dict[int, EngineRequest] = {}
         self._pending_fault: str | None = None
+        self._probes: set[int] = set()
 
     @property
     def capacity(self) -> int:
         return self._capacity
 
+    @property
+    def max_model_len(self) -> int | None:
+        return self._max_model_len
+
     def add(self, request: EngineRequest) -> None:
         text = _text_of(request)
+        if self._max_model_len is not None:
+            need = len(text) + request.params.get("max_tokens", 16)
+            if need > self._max_model_len:
+                raise ContextWindowExceeded(
+                    f"the prompt ({len(text)} tokens) plus max_tokens ({request.params.get('max_tokens', 16)}) "
+                    f"is more than the model's context of {self._max_model_len} tokens")
+        due = time.monotonic() + self.delay_s
         if self.faults and text.startswith(FAULT_PREFIX):
             kind = text[len(FAULT_PREFIX):]
             if kind == "reject":
                 raise ValueError("the echo engine was asked to reject this request")
             self._pending_fault = kind
+        elif self.faults and text == HELD_PROBE:
+            self._probes.add(request.id)
+            due = 0.0
         self._held[request.id] = request
-        heapq.heappush(self._due, (time.monotonic() + self.delay_s, request.id))
+        heapq.heappush(self._due, (due, request.id))
 
     def step(self) -> list[EngineResult]:
         if self._pending_fault:
@@ -64,13 +86,19 @@ class EchoEngine(Engine):
         while self._due and self._due[0][0] <= now:
             _, rid = heapq.heappop(self._due)
             req = self._held.pop(rid, None)
-            if req is not None:                         # None: aborted meanwhile
+            if rid in self._probes:
+                self._probes.discard(rid)
+                if req is not None:
+                    held = " ".join(map(str, sorted(self._held)))
+                    out.append(EngineResult(id=rid, texts=[held], finish_reasons=["stop"]))
+            elif req is not None:                       # None: aborted meanwhile
                 out.append(_echo(req))
         return out
 
     def abort(self, request_ids: list[int]) -> None:
         for rid in request_ids:
             self._held.pop(rid, None)
+            self._probes.discard(rid)
 
     def has_unfinished(self) -> bool:
         return bool(self._held)
@@ -103,6 +131,7 @@ def _fail(kind: str) -> None:
     if kind == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     if kind == "segv":
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))   # a test must not leave a core file
         os.kill(os.getpid(), signal.SIGSEGV)
     if kind == "hang":
         while True:

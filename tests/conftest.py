@@ -1,0 +1,74 @@
+"""Shared fixtures: pools with short heartbeats that are always closed, and a check that no test
+leaves a child process behind (as loky's tests do)."""
+
+from __future__ import annotations
+
+import time
+
+import psutil
+import pytest
+
+import mpdp
+
+# Short liveness settings: a hung engine is caught in about a second.
+FAST = dict(heartbeat_interval=0.1, heartbeat_timeout=1.0, shutdown_timeout=5.0)
+
+
+def live_children() -> set[psutil.Process]:
+    out = set()
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                out.add(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.02, what: str = "condition"):
+    """Poll ``predicate`` until it is truthy (returns its value) or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+
+
+def full_size(pool) -> bool:
+    """Every worker READY again (after crashes and restarts)."""
+    return all(w["state"] == "ready" for w in pool.stats()["workers"])
+
+
+@pytest.fixture
+def no_child_left():
+    """Fail a test that leaves a process behind it did not find (waiting up to 10 s for exits)."""
+    before = live_children()
+    yield
+    deadline = time.monotonic() + 10.0
+    while (left := live_children() - before) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for p in left:                 # do not let one leak fail every later test too
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    assert not left, f"processes left behind: {[(p.pid, p.cmdline()[:3]) for p in left]}"
+
+
+@pytest.fixture
+def make_pool(no_child_left):
+    """``make_pool(**kwargs)``: an echo pool with short heartbeats; closed (not drained) after the test."""
+    pools = []
+
+    def make(**kwargs):
+        kwargs = {"engine": "echo", "num_workers": 2, **FAST, **kwargs}
+        pool = mpdp.Pool(**kwargs)
+        pools.append(pool)
+        return pool
+
+    yield make
+    for pool in pools:
+        pool.close(wait=False)
