@@ -39,6 +39,7 @@ import zmq
 
 from mpdp import errors, protocol
 from mpdp.engines.base import EngineRequest, EngineResult
+from mpdp.gcpause import gc_paused
 from mpdp.requests import Completion
 from mpdp.scheduler import Scheduler, Ticket
 from mpdp.supervisor import Slot, SlotState, Supervisor
@@ -137,17 +138,20 @@ class Dispatcher:
                 self._sync_sentinels(poller, sentinels)
                 events = dict(poller.poll(self._poll_timeout_ms()))
                 now = time.monotonic()
-                if self._wake_r in events:
-                    self._drain_commands(now)
-                if self._router in events:
-                    self._drain_router(now)
-                for fd, slot in list(sentinels.items()):
-                    if fd in events:
-                        poller.unregister(fd)
-                        del sentinels[fd]
-                        self._on_death(slot, now)
-                self._check_timers(now)
-                self._dispatch(now)
+                # One round of work on bursts of small objects while many futures are alive:
+                # the cycle collector resumes while the thread waits in poll (see gcpause.py).
+                with gc_paused():
+                    if self._wake_r in events:
+                        self._drain_commands(now)
+                    if self._router in events:
+                        self._drain_router(now)
+                    for fd, slot in list(sentinels.items()):
+                        if fd in events:
+                            poller.unregister(fd)
+                            del sentinels[fd]
+                            self._on_death(slot, now)
+                    self._check_timers(now)
+                    self._dispatch(now)
                 if self._finished():
                     break
         except BaseException as exc:         # a bug here must not leave callers waiting forever

@@ -13,8 +13,7 @@ length through a bounded window.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import gc
+import itertools
 import importlib.util
 import os
 import tempfile
@@ -27,6 +26,7 @@ from typing import Any, Iterable, Iterator
 from mpdp import errors
 from mpdp.dispatcher import Dispatcher, Entry, PoolState
 from mpdp.engines import GPU_ENGINES, resolve_model
+from mpdp.gcpause import gc_paused
 from mpdp.requests import Completion, build_request, check_sampling, estimate_cost, prefix_key
 from mpdp.scheduler import POLICIES, Scheduler, Ticket
 from mpdp.supervisor import LaunchConfig, Supervisor, plan_slots, visible_gpus
@@ -182,14 +182,24 @@ class Pool:
             yield _outcome(in_flight.popleft(), return_exceptions)
 
     def _submit_items(self, items, timeout, sampling) -> list[Future]:
+        """Validate and post in chunks, so the workers start on the first chunk while later
+        ones are still being built. Every item is checked before anything is posted only when
+        ``items`` fits one chunk; a bad item further on raises after the earlier chunks went out
+        (their futures are cancelled, so nothing is left running)."""
         params = self._params(sampling)
-        with _no_gc():
-            entries = [self._item_entry(item, params, timeout) for item in items]
-        futures = []
-        chunk = min(_CHUNK, self.max_pending)    # a bigger chunk than max_pending never finds room
-        for i in range(0, len(entries), chunk):
-            futures.extend(self._post(entries[i:i + chunk]))
-        return futures
+        futures: list[Future] = []
+        items = iter(items)
+        try:
+            while True:
+                with gc_paused():
+                    chunk = [self._item_entry(item, params, timeout) for item in itertools.islice(items, _CHUNK)]
+                if not chunk:
+                    return futures
+                futures.extend(self._post(chunk))
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
 
     def _item_entry(self, item, params, timeout) -> Entry:
         if isinstance(item, str):
@@ -282,23 +292,6 @@ class Pool:
         return {"state": d.state.value, "engine": self.engine, "model": self.model, "workers": workers,
                 "pending": d.num_pending(), "waiting": d.scheduler.num_waiting,
                 "submitted": d.submitted, "completed": d.completed, "dropped_frames": d.dropped_frames}
-
-
-@contextlib.contextmanager
-def _no_gc():
-    """Pause the cycle collector while building many small objects (futures, entries).
-
-    They are all alive and acyclic; without the pause every few hundred allocations start a
-    collection that walks the growing batch, which costs 5x the construction itself.
-    Restored only if it was on, so nested or concurrent uses end with it on.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def _outcome(future: Future, return_exceptions: bool):
