@@ -13,8 +13,8 @@ length through a bounded window.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import importlib.util
+import itertools
 import os
 import tempfile
 import time
@@ -189,10 +189,11 @@ class Pool:
         params = self._params(sampling)
         futures: list[Future] = []
         items = iter(items)
+        size = min(_CHUNK, self.max_pending)       # a bigger chunk than max_pending never finds room
         try:
             while True:
                 with gc_paused():
-                    chunk = [self._item_entry(item, params, timeout) for item in itertools.islice(items, _CHUNK)]
+                    chunk = [self._item_entry(item, params, timeout) for item in itertools.islice(items, size)]
                 if not chunk:
                     return futures
                 futures.extend(self._post(chunk))
