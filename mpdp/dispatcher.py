@@ -121,6 +121,9 @@ class Dispatcher:
             except OSError:                  # closed: the dispatcher is gone
                 pass
 
+    def is_dispatcher_thread(self) -> bool:
+        return threading.current_thread() is self._thread
+
     def num_pending(self) -> int:
         return len(self._pending)
 

@@ -305,7 +305,10 @@ def _outcome(future: Future, return_exceptions: bool):
 def _shutdown(d: Dispatcher, wait: bool, timeout: float | None, log_dir: str | None) -> None:
     if d.begin_close(wait):
         d.post(("close", (wait, "the pool was closed with this request pending")))
-    d.stopped.wait(timeout)
+    # A future's done-callback runs on the dispatcher thread: waiting there for the dispatcher
+    # to stop would wait for itself. It stops once the callback returns.
+    if not d.is_dispatcher_thread():
+        d.stopped.wait(timeout)
     if log_dir:
         import shutil
         shutil.rmtree(log_dir, ignore_errors=True)

@@ -264,3 +264,20 @@ def test_generate_more_items_than_max_pending_streams_instead_of_deadlocking(mak
         stop.set()
         watcher.join(5)
     assert peak[0] <= 10
+
+
+@pytest.mark.timeout(60)
+def test_close_from_a_done_callback_does_not_wait_for_itself(make_pool):
+    # Done-callbacks run on the dispatcher thread; close() there must not wait for that thread.
+    pool = make_pool()
+    returned = threading.Event()
+
+    def close_pool(_future):
+        pool.close()
+        returned.set()
+
+    pool.submit("last one").add_done_callback(close_pool)
+    assert returned.wait(10), "close() inside a done-callback hung"
+    wait_until(lambda: pool.closed, 10, what="the pool to close")
+    with pytest.raises(mpdp.PoolClosed):
+        pool.submit("after")
