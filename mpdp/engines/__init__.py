@@ -24,5 +24,8 @@ def engine_class(name: str) -> type[Engine]:
 
 def resolve_model(name: str, model: str, options: dict) -> str:
     """What the engine will load: engines with weights turn a model name into a local folder (in the parent)."""
-    resolve = getattr(engine_class(name), "resolve", None)
-    return resolve(model, options) if resolve else model
+    if not engine_class(name).loads_weights:
+        return model
+    from mpdp.models import resolve_model as resolve_weights
+
+    return resolve_weights(model)

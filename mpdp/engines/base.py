@@ -82,6 +82,9 @@ class Engine(abc.ABC):
     """One model instance inside one worker process."""
 
     name: ClassVar[str]
+    # True: the model argument names weights, resolved once in the parent to a local folder
+    # (mpdp.models.resolve_model: the embedded default is converted there, never in N workers).
+    loads_weights: ClassVar[bool] = False
 
     def __init__(self, model: str, options: dict[str, Any], placement: WorkerPlacement):
         self.model = model

@@ -68,12 +68,7 @@ class _Row:
 class HFEngine(Engine):
     name = "hf"
 
-    @classmethod
-    def resolve(cls, model: str, options: dict[str, Any]) -> str:
-        """Called in the parent before workers start: name -> local folder (converting once)."""
-        from mpdp.models import resolve_model
-
-        return resolve_model(model)
+    loads_weights = True
 
     def __init__(self, model: str, options: dict[str, Any], placement: WorkerPlacement):
         super().__init__(model, options, placement)
@@ -86,7 +81,9 @@ class HFEngine(Engine):
         hf_logging.disable_progress_bar()
         self._torch = torch
         torch.set_num_threads(max(1, placement.num_threads))
-        folder = self.resolve(model, options)
+        from mpdp.models import resolve_model
+
+        folder = resolve_model(model)      # a folder already (the pool resolved it); a name when used alone
         dtype = self.options.get("dtype", "float32")
         dtype = getattr(torch, "float32" if dtype == "auto" else dtype) if isinstance(dtype, str) else dtype
         device = self.options.get("device", "cuda" if placement.gpus and torch.cuda.is_available() else "cpu")

@@ -12,7 +12,7 @@ with the output processing here. Prompts are rendered with the engine's own rend
 ``LLM.generate`` / ``LLM.chat`` do, and every request asks for ``RequestOutputKind.FINAL_ONLY``.
 
 Nothing here imports vLLM or torch at module level: the pool's parent process imports this
-class (for ``resolve``) and must stay free of CUDA.
+class (for ``loads_weights``) and must stay free of CUDA.
 
 Options: every key is a ``vllm.EngineArgs`` field (gpu_memory_utilization, max_model_len,
 dtype, enforce_eager, load_format, quantization, enable_prefix_caching, max_num_seqs, seed,
@@ -45,12 +45,7 @@ _FINISH = {"stop": "stop", "length": "length", "abort": "abort", "repetition": "
 class VLLMEngine(Engine):
     name = "vllm"
 
-    @classmethod
-    def resolve(cls, model: str, options: dict[str, Any]) -> str:
-        """The local folder vLLM will load (in the parent: the workers must not download)."""
-        from mpdp.models import resolve_model
-
-        return resolve_model(model)
+    loads_weights = True
 
     def __init__(self, model: str, options: dict[str, Any], placement: WorkerPlacement):
         super().__init__(model, options, placement)
