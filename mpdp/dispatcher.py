@@ -180,24 +180,30 @@ class Dispatcher:
         return max(0, int(timeout * 1000))
 
     def _drain_commands(self, now: float) -> None:
-        # Empty the pipe, then clear the flag, then drain: a command appended after the drain saw
-        # the flag cleared and wrote to the pipe, so no wake-up is ever lost. (Clearing before
-        # the read lost them: a poster could write between the two, the read swallowed its byte,
-        # the flag stayed set, and every later command sat in the deque unseen.)
+        # Empty the pipe, drain, clear the flag, and look again before leaving. A command
+        # appended after that last look found the flag clear and wrote to the pipe; one
+        # appended before it is drained here. Posters that arrive while we drain see the flag
+        # still set and write nothing, so a busy dispatcher is not woken once per request.
+        # (Clearing the flag before reading the pipe lost wake-ups: a poster could write in
+        # between, the read swallowed its byte, the flag stayed set, and every later command
+        # sat in the deque unseen.)
         try:
             os.read(self._wake_r, 65536)
         except BlockingIOError:
             pass
-        self._woken = False
         commands = self._commands
-        while commands:
-            kind, arg = commands.popleft()
-            if kind == "submit":
-                self._accept(arg, now)
-            elif kind == "cancel":
-                self._cancel(arg)
-            elif kind == "close":
-                self._close(*arg)
+        while True:
+            while commands:
+                kind, arg = commands.popleft()
+                if kind == "submit":
+                    self._accept(arg, now)
+                elif kind == "cancel":
+                    self._cancel(arg)
+                elif kind == "close":
+                    self._close(*arg)
+            self._woken = False
+            if not commands:
+                return
 
     def _accept(self, entries: list[Entry], now: float) -> None:
         if self.state not in (PoolState.RUNNING, PoolState.STARTING, PoolState.DRAINING):

@@ -121,3 +121,25 @@ def test_close_without_waiting_fails_pending_with_a_named_error():
     for f in futures:
         with pytest.raises(mpdp.PoolClosed):
             f.result(timeout=10)
+
+
+def test_many_posting_threads_under_backpressure_never_lose_a_wake_up():
+    # Regression: a lost wake-up left commands unseen in the dispatcher's queue forever. Many
+    # threads posting while the pool is full is where it showed.
+    with mpdp.Pool(engine="echo", num_workers=2, max_pending=200) as p:
+        out, errors = {}, []
+
+        def client(t):
+            try:
+                futures = [p.submit(f"{t}:{i}") for i in range(500)]
+                out[t] = [f.result(timeout=60).text for f in futures]
+            except Exception as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=client, args=(t,)) for t in range(40)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(timeout=90)
+        assert not errors and not any(th.is_alive() for th in threads)
+        assert all(out[t] == [f"{t}:{i}" for i in range(500)] for t in range(40))
