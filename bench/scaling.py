@@ -795,7 +795,7 @@ def compile_cache_state() -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    models = os.environ.get("MPDP_GPU_MODELS", str(ROOT.parent / "shared" / "models"))
+    models = os.environ.get("MPDP_GPU_MODELS", ".")
     p.add_argument("--model", default=f"{models}/qwen3-8b-shape")
     p.add_argument("--gpus", type=int, default=None, help="GPUs to use (default: all visible)")
     p.add_argument("--variants", default="bare,shard,mpdp,dspy:heavy,mpdp1:fixed,mpdp2:fixed",

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The GPU run: vLLM engine tests, then the scaling benchmark. On the GPU machine, from the
-# project's root, after `source /root/mpdp-gpu/env.sh`:
+# project's root, in an environment where vLLM imports and $MPDP_GPU_MODELS names the folder
+# holding the benchmark model configs (qwen3-8b-shape/, smol/):
 #
 #   scripts/gpu_bench.sh OUT_DIR [all|test|bench] [bench/scaling.py flags ...]
 #
 #   all (default)  pytest -m gpu tests/test_vllm_gpu.py, then bench/scaling.py with what is
 #                  left of the time budget (MPDP_BENCH_BUDGET_S, default 560 s for the whole
-#                  call: a device call is cut at 600 s)
+#                  call, so that it fits a 10-minute job limit)
 #   test           only the tests
 #   bench          only the benchmark, e.g. the variants a first call had no time for:
 #                  scripts/gpu_bench.sh OUT bench --variants mpdp1:fixed,mpdp2:fixed

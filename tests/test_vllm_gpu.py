@@ -2,7 +2,7 @@
 
 Run on a GPU machine:  pytest -m gpu tests/test_vllm_gpu.py
 Skipped where vLLM or a CUDA GPU is missing, or the SmolLM2-shaped model folder is not found
-(``$MPDP_GPU_MODELS/smol``, else ``../shared/models/smol`` beside the project).
+(``$MPDP_GPU_MODELS/smol``).
 
 Random weights generate random tokens, so these tests assert what does not depend on the
 weights: token counts, finish reasons, max_tokens, chat templating (prompt length), stop
@@ -31,7 +31,6 @@ MESSAGES = [{"role": "system", "content": "You answer briefly."},
 
 def _smol_dir() -> str:
     candidates = [Path(os.environ["MPDP_GPU_MODELS"]) / "smol"] if os.environ.get("MPDP_GPU_MODELS") else []
-    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "models" / "smol")
     for c in candidates:
         if (c / "config.json").is_file():
             return str(c)
