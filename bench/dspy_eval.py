@@ -29,6 +29,7 @@ import dspy
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mpdp  # noqa: E402
 import mpdp.dspy  # noqa: E402
+from scaling import cli_flags  # noqa: E402  (bench/ is on the path when run as a script)
 
 REFERENCE = ("seed's reference (different machine/model, context only): "
              "1 GPU 5.0 questions/min, 4 GPUs 16.7 questions/min, 3.34x")
@@ -84,21 +85,6 @@ class RoundRobinLM(dspy.BaseLM):
 # ─── vLLM servers ────────────────────────────────────────────────────────────
 
 
-def options_to_cli(options: dict) -> list[str]:
-    args = []
-    for key, value in options.items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            args.append(flag)
-        elif value is False or value is None:
-            continue
-        elif isinstance(value, (dict, list)):
-            args += [flag, json.dumps(value)]
-        else:
-            args += [flag, str(value)]
-    return args
-
-
 _LOG_FLAG: list = []
 
 
@@ -145,7 +131,7 @@ class Servers:
     def __init__(self, model: str, k: int, options: dict, base_port: int, timeout: float, log_dir: str):
         self.ports = [base_port + i for i in range(k)]
         self.procs = []
-        extra = options_to_cli(options) + disable_log_flag()
+        extra = cli_flags(options) + disable_log_flag()
         os.makedirs(log_dir, exist_ok=True)
         for i, port in enumerate(self.ports):
             cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,

@@ -296,7 +296,7 @@ class Servers:
             port = _free_port()
             cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model,
                    "--served-model-name", "bench", "--host", "127.0.0.1", "--port", str(port),
-                   "--disable-uvicorn-access-log", *_cli_flags(args.engine_options)]
+                   "--disable-uvicorn-access-log", *cli_flags(args.engine_options)]
             path = log_dir / f"serve{i}.log"
             env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu)
             with open(path, "ab") as f:
@@ -389,7 +389,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _cli_flags(options: dict) -> list[str]:
+def cli_flags(options: dict) -> list[str]:
+    """vLLM engine options as `vllm serve` flags (also used by bench/dspy_eval.py)."""
     flags = []
     for key, value in options.items():
         flag = "--" + key.replace("_", "-")
