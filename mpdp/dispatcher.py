@@ -108,6 +108,7 @@ class Dispatcher:
         self.supervisor: Supervisor = supervisor_factory(transport.endpoint)
         self.slots: list[Slot] = self.supervisor.slots
         self._by_identity: dict[bytes, Slot] = {}
+        self._started_since_sync = False         # a worker started: its pidfd joins the poll
         self._thread = threading.Thread(target=self._run, name="mpdp-dispatcher", daemon=True)
         self._thread.start()
 
@@ -136,9 +137,11 @@ class Dispatcher:
         now = time.monotonic()
         try:
             for slot in self.slots:          # all workers start in parallel
-                self.supervisor.start(slot, now)
+                self._start(slot, now)
             while True:
-                self._sync_sentinels(poller, sentinels)
+                if self._started_since_sync:     # only a start adds a pidfd; a death removes its own
+                    self._started_since_sync = False
+                    self._sync_sentinels(poller, sentinels)
                 events = dict(poller.poll(self._poll_timeout_ms()))
                 now = time.monotonic()
                 # One round of work on bursts of small objects while many futures are alive:
@@ -162,6 +165,10 @@ class Dispatcher:
             self._break(errors.PoolBroken(f"the dispatcher failed: {exc!r}"), cause=exc)
         finally:
             self._shutdown_workers()
+
+    def _start(self, slot: Slot, now: float) -> None:
+        self.supervisor.start(slot, now)
+        self._started_since_sync = True
 
     def _sync_sentinels(self, poller, sentinels: dict) -> None:
         live = {s.process.sentinel: s for s in self.slots if s.alive and s.process is not None}
@@ -351,7 +358,7 @@ class Dispatcher:
                 slot.started_at = now
             elif (slot.state == SlotState.DEAD and now >= slot.restart_at
                   and self.state in (PoolState.RUNNING, PoolState.DRAINING)):
-                self.supervisor.start(slot, now)
+                self._start(slot, now)
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] <= now:
             _, rid = heapq.heappop(deadlines)
@@ -366,13 +373,9 @@ class Dispatcher:
             self._dispatch_suspects(now)
         if not self.scheduler.waiting:
             return
+        pending = self._pending
         for index, tickets in self.scheduler.schedule().items():
-            slot = self.slots[index]
-            pending = self._pending
-            wire = [protocol.request_to_wire(pending[t.id].request) for t in tickets]
-            if slot.first_dispatch is None:
-                slot.first_dispatch = now
-            self._send(slot, protocol.SUBMIT, wire)
+            self._submit(self.slots[index], [protocol.request_to_wire(pending[t.id].request) for t in tickets], now)
 
     def _dispatch_suspects(self, now: float) -> None:
         """Give each worker that holds no suspect on its last attempt one more, if it has credit."""
@@ -388,15 +391,17 @@ class Dispatcher:
                     continue
                 self.scheduler.assign(index, ticket)
                 self._suspect_on[index] = ticket.id
-                slot = self.slots[index]
-                if slot.first_dispatch is None:
-                    slot.first_dispatch = now
-                self._send(slot, protocol.SUBMIT, [protocol.request_to_wire(entry.request)])
+                self._submit(self.slots[index], [protocol.request_to_wire(entry.request)], now)
                 break
 
     def _release_suspect(self, index: int, request_id: int) -> None:
         if self._suspect_on.get(index) == request_id:
             del self._suspect_on[index]
+
+    def _submit(self, slot: Slot, wire: list, now: float) -> None:
+        if slot.first_dispatch is None:
+            slot.first_dispatch = now
+        self._send(slot, protocol.SUBMIT, wire)
 
     def _send(self, slot: Slot, tag: int, body) -> None:
         try:

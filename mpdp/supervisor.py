@@ -61,7 +61,6 @@ class Slot:
     prompt_tokens: int = 0
     first_dispatch: float | None = None
     last_result: float | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def pid(self) -> int | None:
