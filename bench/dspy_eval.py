@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """DSPy ChainOfThought evaluation throughput: mpdp pool vs. k OpenAI-compatible vLLM servers.
 
-    python bench/dspy_eval.py --variants mpdp1,mpdp4,server4 --threads 80,320 --json out.json
+    python bench/dspy_eval.py --variants mpdp1,mpdp4,server4 --threads 80,4096 --waves 2 --json out.json
+
+Each thread count runs over max(--questions, --waves x threads) questions, so that a large thread
+count still has a steady state and not only a ramp-up and a drain.
 
 Variants: ``mpdp<k>`` (mpdp.dspy.LM on a k-GPU pool) and ``server<k>`` (k vLLM api_servers on
 loopback, one per GPU, DSPy threads spread over them round robin). The DSPy cache is off so every
@@ -207,7 +210,11 @@ def evaluate(lm, devset, threads: int) -> tuple[float, float]:
     return wall, float(score)
 
 
-def run_variant(name: str, k: int, kind: str, thread_list: list[int], args, devset, options) -> list[dict]:
+def questions_for(threads: int, args) -> int:
+    return max(args.questions, args.waves * threads)
+
+
+def run_variant(name: str, k: int, kind: str, thread_list: list[int], args, options) -> list[dict]:
     rows = []
     setup_t0 = time.perf_counter()
     if kind == "mpdp":
@@ -221,6 +228,7 @@ def run_variant(name: str, k: int, kind: str, thread_list: list[int], args, devs
             lm("Say hi.")                                   # warm: the pool answers before timing
             setup_s = time.perf_counter() - setup_t0
             for threads in thread_list:
+                devset = make_devset(questions_for(threads, args))
                 before = pool_counts(pool)
                 wall, score = evaluate(lm, devset, threads)
                 after = pool_counts(pool)
@@ -237,6 +245,7 @@ def run_variant(name: str, k: int, kind: str, thread_list: list[int], args, devs
             lm = RoundRobinLM(lms) if k > 1 else lms[0]
             setup_s = time.perf_counter() - setup_t0
             for threads in thread_list:
+                devset = make_devset(questions_for(threads, args))
                 before = servers.metrics()
                 wall, score = evaluate(lm, devset, threads)
                 time.sleep(1)                               # let the counters settle
@@ -263,24 +272,28 @@ def table(rows: list[dict]) -> str:
     def find(variant, threads):
         return next((r for r in rows if r["variant"] == variant and r["threads"] == threads), None)
 
-    lines = ["| variant | GPUs | threads | questions/min | wall s | LM calls | output tok/s | vs mpdp1 | vs server<k> |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | GPUs | threads | questions | questions/min | wall s | LM calls | output tok/s | vs mpdp1 | vs server<k> |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         base = find("mpdp1", r["threads"])
         server = find(f"server{r['gpus']}", r["threads"])
         vs1 = f"{r['questions_per_min'] / base['questions_per_min']:.2f}x" if base else "-"
         vss = f"{r['questions_per_min'] / server['questions_per_min']:.2f}x" if server else "-"
-        lines.append(f"| {r['variant']} | {r['gpus']} | {r['threads']} | {r['questions_per_min']:.1f} | "
+        lines.append(f"| {r['variant']} | {r['gpus']} | {r['threads']} | {r['questions']} | {r['questions_per_min']:.1f} | "
                      f"{r['wall_s']:.1f} | {r['lm_calls']} | {r['output_tokens_per_s']:.0f} | {vs1} | {vss} |")
     return "\n".join(lines)
 
 
-def estimate_s(kind: str, k: int, n_threads: int, args, rows: list[dict]) -> float:
-    """Rough: start-up plus N questions at the best rate seen so far scaled by GPUs (else 30/min/GPU)."""
-    startup = 5 if args.engine == "echo" else (90 if kind == "mpdp" else 120)
-    rates = [r["questions_per_min"] / r["gpus"] for r in rows]
-    per_gpu = max(rates) if rates else 30.0
-    return startup + n_threads * args.questions / (per_gpu * k) * 60
+def estimate_s(kind: str, k: int, thread_list: list[int], args, rows: list[dict]) -> float:
+    """Rough: start-up plus each thread count's questions at the rate seen at that thread count
+    (scaled by GPUs; else the best rate seen, else 30/min/GPU)."""
+    startup = 5 if args.engine == "echo" else (90 if kind == "mpdp" else 150)
+    total = startup
+    for threads in thread_list:
+        rates = [r["questions_per_min"] / r["gpus"] for r in rows if r["threads"] == threads]
+        rates = rates or [r["questions_per_min"] / r["gpus"] for r in rows] or [30.0]
+        total += questions_for(threads, args) / (max(rates) * k) * 60
+    return total
 
 
 def main() -> int:
@@ -288,6 +301,8 @@ def main() -> int:
     p.add_argument("--model", default=os.path.join(os.environ.get("MPDP_GPU_MODELS", "."), "qwen3-8b-shape"))
     p.add_argument("--questions", type=int, default=500)
     p.add_argument("--threads", default="80", help="one number or a comma list (each variant runs at each)")
+    p.add_argument("--waves", type=int, default=0,
+                   help="run at least waves x threads questions at each thread count")
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--engine-options", default='{"load_format": "dummy"}', help="JSON")
     p.add_argument("--variants", default="mpdp1,mpdp4,server4")
@@ -304,7 +319,6 @@ def main() -> int:
     dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=False)
     thread_list = [int(t) for t in str(args.threads).split(",") if t.strip()]
     options = json.loads(args.engine_options)
-    devset = make_devset(args.questions)
     started = time.monotonic()
     rows: list[dict] = []
     skipped: list[str] = []
@@ -320,14 +334,14 @@ def main() -> int:
             continue
         if args.budget_s is not None:
             left = args.budget_s - (time.monotonic() - started)
-            need = estimate_s(kind, k, len(thread_list), args, rows)
+            need = estimate_s(kind, k, thread_list, args, rows)
             if need > left:
                 skipped.append(f"{name} (estimate {need:.0f} s > {left:.0f} s left)")
                 print(f"skip {name}: estimate {need:.0f} s > {left:.0f} s left", flush=True)
                 continue
         print(f"== {name}: {k} GPU(s), threads {thread_list}", flush=True)
         try:
-            new = run_variant(name, k, kind, thread_list, args, devset, options)
+            new = run_variant(name, k, kind, thread_list, args, options)
         except Exception as e:                       # one failed variant must not lose the others
             print(f"!! {name} failed: {type(e).__name__}: {e}", flush=True)
             skipped.append(f"{name} (failed: {type(e).__name__}: {e})")
