@@ -286,12 +286,15 @@ def table(rows: list[dict]) -> str:
 
 def estimate_s(kind: str, k: int, thread_list: list[int], args, rows: list[dict]) -> float:
     """Rough: start-up plus each thread count's questions at the rate seen at that thread count
-    (scaled by GPUs; else the best rate seen, else 30/min/GPU)."""
+    (scaled by GPUs; else the best rate seen). Nothing measured yet: start-up only, so the first
+    variant always runs."""
     startup = 5 if args.engine == "echo" else (90 if kind == "mpdp" else 150)
     total = startup
     for threads in thread_list:
         rates = [r["questions_per_min"] / r["gpus"] for r in rows if r["threads"] == threads]
-        rates = rates or [r["questions_per_min"] / r["gpus"] for r in rows] or [30.0]
+        rates = rates or [r["questions_per_min"] / r["gpus"] for r in rows]
+        if not rates:
+            continue
         total += questions_for(threads, args) / (max(rates) * k) * 60
     return total
 
