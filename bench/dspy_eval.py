@@ -9,7 +9,9 @@ count still has a steady state and not only a ramp-up and a drain.
 Variants: ``mpdp<k>`` (mpdp.dspy.LM on a k-GPU pool) and ``server<k>`` (k vLLM api_servers on
 loopback, one per GPU, DSPy threads spread over them round robin). The DSPy cache is off so every
 question reaches the engines. With dummy weights answers are random (accuracy ~0) and DSPy's
-ChatAdapter may fall back to JSONAdapter (a second LM call): LM calls are counted and reported.
+ChatAdapter would fall back to JSONAdapter (a second LM call, in JSON mode) on every question:
+``--adapter chat`` (the default) turns that fallback off so both routes do the same work, one call a
+question; ``--adapter chat+json`` keeps DSPy's default. LM calls are counted and reported.
 Self-check on CPU: ``--engine echo`` (mpdp "echo" engine, num_workers=k; server variants skipped).
 """
 
@@ -198,11 +200,24 @@ def pool_counts(pool) -> dict[str, float]:
             "tokens": float(sum(w["tokens"] for w in workers))}
 
 
-def evaluate(lm, devset, threads: int) -> tuple[float, float]:
+def make_adapter(name: str) -> dspy.Adapter:
+    """``chat``: DSPy's ChatAdapter without its JSONAdapter fallback, one LM call a question.
+    ``chat+json``: DSPy's default. Dummy weights never produce a parsable answer, so every question
+    then makes a second call in JSON mode; mpdp honours that ``response_format`` with a grammar while
+    ``dspy.LM("openai/<unknown model>")`` drops it (the model is not in litellm's registry), so the
+    two routes do different work. ``chat`` makes them do the same."""
+    if name == "chat":
+        return dspy.ChatAdapter(use_json_adapter_fallback=False)
+    if name == "chat+json":
+        return dspy.ChatAdapter()
+    raise SystemExit(f"unknown adapter {name!r} (chat or chat+json)")
+
+
+def evaluate(lm, devset, threads: int, adapter: str) -> tuple[float, float]:
     program = dspy.ChainOfThought("question -> answer")
     evaluator = dspy.Evaluate(devset=devset, metric=metric, num_threads=threads, display_progress=False,
                               max_errors=len(devset) * 10 + 10, provide_traceback=False)
-    with dspy.context(lm=lm):
+    with dspy.context(lm=lm, adapter=make_adapter(adapter)):
         t0 = time.perf_counter()
         result = evaluator(program)
         wall = time.perf_counter() - t0
@@ -230,7 +245,7 @@ def run_variant(name: str, k: int, kind: str, thread_list: list[int], args, opti
             for threads in thread_list:
                 devset = make_devset(questions_for(threads, args))
                 before = pool_counts(pool)
-                wall, score = evaluate(lm, devset, threads)
+                wall, score = evaluate(lm, devset, threads, args.adapter)
                 after = pool_counts(pool)
                 rows.append(row(name, k, threads, wall, score, after, before, setup_s, len(devset)))
         finally:
@@ -247,7 +262,7 @@ def run_variant(name: str, k: int, kind: str, thread_list: list[int], args, opti
             for threads in thread_list:
                 devset = make_devset(questions_for(threads, args))
                 before = servers.metrics()
-                wall, score = evaluate(lm, devset, threads)
+                wall, score = evaluate(lm, devset, threads, args.adapter)
                 time.sleep(1)                               # let the counters settle
                 after = servers.metrics()
                 rows.append(row(name, k, threads, wall, score, after, before, setup_s, len(devset)))
@@ -307,6 +322,8 @@ def main() -> int:
     p.add_argument("--waves", type=int, default=0,
                    help="run at least waves x threads questions at each thread count")
     p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--adapter", default="chat", help="chat (one call a question) or chat+json (DSPy's "
+                   "default: a JSON-mode second call whenever parsing fails)")
     p.add_argument("--engine-options", default='{"load_format": "dummy"}', help="JSON")
     p.add_argument("--variants", default="mpdp1,mpdp4,server4")
     p.add_argument("--json", default=None)
