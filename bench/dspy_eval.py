@@ -34,7 +34,8 @@ import dspy
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mpdp  # noqa: E402
 import mpdp.dspy  # noqa: E402
-from scaling import cli_flags  # noqa: E402  (bench/ is on the path when run as a script)
+from gpu_util import GpuUtilization  # noqa: E402  (bench/ is on the path when run as a script)
+from scaling import cli_flags  # noqa: E402
 
 REFERENCE = ("seed's reference (different machine/model, context only): "
              "1 GPU 5.0 questions/min, 4 GPUs 16.7 questions/min, 3.34x")
@@ -213,16 +214,17 @@ def make_adapter(name: str) -> dspy.Adapter:
     raise SystemExit(f"unknown adapter {name!r} (chat or chat+json)")
 
 
-def evaluate(lm, devset, threads: int, adapter: str) -> tuple[float, float]:
+def evaluate(lm, devset, threads: int, adapter: str) -> tuple[float, float, dict]:
+    """Wall seconds, score, and each GPU's kernel-busy share during the run ({} without GPUs)."""
     program = dspy.ChainOfThought("question -> answer")
     evaluator = dspy.Evaluate(devset=devset, metric=metric, num_threads=threads, display_progress=False,
                               max_errors=len(devset) * 10 + 10, provide_traceback=False)
-    with dspy.context(lm=lm, adapter=make_adapter(adapter)):
+    with dspy.context(lm=lm, adapter=make_adapter(adapter)), GpuUtilization() as util:
         t0 = time.perf_counter()
         result = evaluator(program)
         wall = time.perf_counter() - t0
     score = getattr(result, "score", result)
-    return wall, float(score)
+    return wall, float(score), util.summary()
 
 
 def questions_for(threads: int, args) -> int:
@@ -245,9 +247,9 @@ def run_variant(name: str, k: int, kind: str, thread_list: list[int], args, opti
             for threads in thread_list:
                 devset = make_devset(questions_for(threads, args))
                 before = pool_counts(pool)
-                wall, score = evaluate(lm, devset, threads, args.adapter)
+                wall, score, busy = evaluate(lm, devset, threads, args.adapter)
                 after = pool_counts(pool)
-                rows.append(row(name, k, threads, wall, score, after, before, setup_s, len(devset)))
+                rows.append(row(name, k, threads, wall, score, after, before, setup_s, len(devset), busy))
         finally:
             pool.close()
     else:
@@ -262,40 +264,46 @@ def run_variant(name: str, k: int, kind: str, thread_list: list[int], args, opti
             for threads in thread_list:
                 devset = make_devset(questions_for(threads, args))
                 before = servers.metrics()
-                wall, score = evaluate(lm, devset, threads, args.adapter)
+                wall, score, busy = evaluate(lm, devset, threads, args.adapter)
                 time.sleep(1)                               # let the counters settle
                 after = servers.metrics()
-                rows.append(row(name, k, threads, wall, score, after, before, setup_s, len(devset)))
+                rows.append(row(name, k, threads, wall, score, after, before, setup_s, len(devset), busy))
         finally:
             servers.close()
     return rows
 
 
-def row(name, k, threads, wall, score, after, before, setup_s, n) -> dict:
+def row(name, k, threads, wall, score, after, before, setup_s, n, busy) -> dict:
     calls = after["requests"] - before["requests"]
     tokens = after["tokens"] - before["tokens"]
     return {"variant": name, "gpus": k, "threads": threads, "questions": n, "wall_s": wall,
             "questions_per_min": n / wall * 60, "lm_calls": int(calls), "output_tokens": int(tokens),
             "output_tokens_per_s": tokens / wall, "calls_per_question": calls / n,
-            "score": score, "setup_s": setup_s}
+            "score": score, "setup_s": setup_s, "gpu_busy": busy}
 
 
 # ─── Report ──────────────────────────────────────────────────────────────────
+
+
+def busy_text(r: dict) -> str:
+    """Median kernel-busy % of the GPUs the variant used (GPU 0..k-1), as "min-max"."""
+    medians = [v["median"] for gpu, v in r.get("gpu_busy", {}).items() if int(gpu) < r["gpus"]]
+    return f"{min(medians):.0f}-{max(medians):.0f}" if medians else "-"
 
 
 def table(rows: list[dict]) -> str:
     def find(variant, threads):
         return next((r for r in rows if r["variant"] == variant and r["threads"] == threads), None)
 
-    lines = ["| variant | GPUs | threads | questions | questions/min | wall s | LM calls | output tok/s | vs mpdp1 | vs server<k> |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | GPUs | threads | questions | questions/min | wall s | LM calls | output tok/s | GPU busy % | vs mpdp1 | vs server<k> |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         base = find("mpdp1", r["threads"])
         server = find(f"server{r['gpus']}", r["threads"])
         vs1 = f"{r['questions_per_min'] / base['questions_per_min']:.2f}x" if base else "-"
         vss = f"{r['questions_per_min'] / server['questions_per_min']:.2f}x" if server else "-"
         lines.append(f"| {r['variant']} | {r['gpus']} | {r['threads']} | {r['questions']} | {r['questions_per_min']:.1f} | "
-                     f"{r['wall_s']:.1f} | {r['lm_calls']} | {r['output_tokens_per_s']:.0f} | {vs1} | {vss} |")
+                     f"{r['wall_s']:.1f} | {r['lm_calls']} | {r['output_tokens_per_s']:.0f} | {busy_text(r)} | {vs1} | {vss} |")
     return "\n".join(lines)
 
 
@@ -312,6 +320,14 @@ def estimate_s(kind: str, k: int, thread_list: list[int], args, rows: list[dict]
             continue
         total += questions_for(threads, args) / (max(rates) * k) * 60
     return total
+
+
+def write_json(args, rows: list[dict], skipped: list[str]) -> None:
+    if not args.json:
+        return
+    shown = dict(vars(args), model=os.path.basename(os.path.normpath(args.model)), json=None, log_dir=None)
+    with open(args.json, "w") as f:
+        json.dump({"args": shown, "rows": rows, "skipped": skipped, "reference": REFERENCE}, f, indent=2)
 
 
 def main() -> int:
@@ -370,12 +386,9 @@ def main() -> int:
             print(f"   threads {r['threads']}: {r['questions_per_min']:.1f} q/min, {r['wall_s']:.1f} s, "
                   f"{r['lm_calls']} LM calls ({r['calls_per_question']:.2f}/q), "
                   f"{r['output_tokens']} out tokens ({r['output_tokens_per_s']:.0f}/s), "
-                  f"score {r['score']:.1f}, setup {r['setup_s']:.0f} s", flush=True)
+                  f"GPU busy {busy_text(r)} %, score {r['score']:.1f}, setup {r['setup_s']:.0f} s", flush=True)
         rows += new
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"args": vars(args), "rows": rows, "skipped": skipped, "reference": REFERENCE},
-                          f, indent=2)
+        write_json(args, rows, skipped)
 
     print()
     print(table(rows))
@@ -383,9 +396,7 @@ def main() -> int:
     print(REFERENCE)
     if skipped:
         print("skipped: " + "; ".join(skipped))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": rows, "skipped": skipped, "reference": REFERENCE}, f, indent=2)
+    write_json(args, rows, skipped)
     return 0
 
 

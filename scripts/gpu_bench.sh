@@ -3,7 +3,7 @@
 # project's root, in an environment where vLLM imports and $MPDP_GPU_MODELS names the folder
 # holding the benchmark model configs (qwen3-8b-shape/, smol/):
 #
-#   scripts/gpu_bench.sh OUT_DIR [all|test|bench] [bench/scaling.py flags ...]
+#   scripts/gpu_bench.sh OUT_DIR [all|test|bench|dspy] [bench/scaling.py or bench/dspy_eval.py flags ...]
 #
 #   all (default)  pytest -m gpu tests/test_vllm_gpu.py, then bench/scaling.py with what is
 #                  left of the time budget (MPDP_BENCH_BUDGET_S, default 560 s for the whole
@@ -11,17 +11,19 @@
 #   test           only the tests
 #   bench          only the benchmark, e.g. the variants a first call had no time for:
 #                  scripts/gpu_bench.sh OUT bench --variants mpdp1:fixed,mpdp2:fixed
+#   dspy           only the DSPy program (bench/dspy_eval.py with the flags given), e.g.
+#                  scripts/gpu_bench.sh OUT dspy --variants mpdp4,server4 --threads 80,512,4096 --waves 2
 #
 # Writes into OUT_DIR: env.txt, pytest.log, scaling-N.json/.md/.log (N counts the calls),
 # scaling-N-logs/ (one log per engine process), and scaling.png + scaling.md merged over every
-# scaling-*.json there. The benchmark skips what would overrun its budget and prints the
+# scaling-*.json there; the dspy part writes dspy_eval-N.json/.log and dspy_eval-N-logs/. The benchmark skips what would overrun its budget and prints the
 # --variants that would measure the rest.
 set -uo pipefail
 
-out=${1:?usage: scripts/gpu_bench.sh OUT_DIR [all|test|bench] [bench/scaling.py flags ...]}
+out=${1:?usage: scripts/gpu_bench.sh OUT_DIR [all|test|bench|dspy] [bench flags ...]}
 part=${2:-all}
 shift; [ $# -gt 0 ] && shift
-case $part in all|test|bench) ;; *) echo "unknown part '$part' (all, test or bench)" >&2; exit 2;; esac
+case $part in all|test|bench|dspy) ;; *) echo "unknown part '$part' (all, test, bench or dspy)" >&2; exit 2;; esac
 
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
@@ -36,6 +38,16 @@ rc=0
   python3 -c "import sys, torch, vllm, transformers; print(sys.version); print('torch', torch.__version__, 'vllm', vllm.__version__, 'transformers', transformers.__version__)"
   env | grep -E '^(CUDA_VISIBLE_DEVICES|VLLM_|MPDP_|NCCL_)' | sort
 } > "$out/env.txt" 2>&1
+
+if [ "$part" = dspy ]; then
+  n=1; while [ -e "$out/dspy_eval-$n.json" ]; do n=$((n + 1)); done
+  echo "== DSPy program, budget $((budget - SECONDS))s ($(date +%T))"
+  python3 bench/dspy_eval.py --json "$out/dspy_eval-$n.json" --log-dir "$out/dspy_eval-$n-logs" \
+    --budget-s "$((budget - SECONDS))" "$@" 2>&1 | tee "$out/dspy_eval-$n.log"
+  rc=${PIPESTATUS[0]}
+  echo "== done in ${SECONDS}s, exit $rc; results in $out"
+  exit $rc
+fi
 
 if [ "$part" != bench ]; then
   echo "== tests ($(date +%T))"

@@ -12,6 +12,8 @@ import pytest
 
 pytest.importorskip("dspy")
 
+from conftest import wait_until  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -52,3 +54,22 @@ def test_dspy_client_cost_counts_every_call(tmp_path):
         assert r["questions"] == 40
         assert r["calls"] == (40 if adapter == "chat" else 80)
         assert r["cpu_ms_per_call"] > 0
+
+
+def test_gpu_utilization_parses_nvidia_smi_samples(tmp_path, monkeypatch):
+    """The sampler reads ``index, percent`` lines per GPU and skips what is not a number."""
+    fake = tmp_path / "nvidia-smi"
+    printed = tmp_path / "printed"
+    fake.write_text("#!/bin/sh\nprintf '0, 50\\n1, 100\\n0, 70\\n1, [N/A]\\n0, 90\\n'\n"
+                    f"touch {printed}\nexec sleep 30\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        from gpu_util import GpuUtilization
+    finally:
+        sys.path.remove(os.path.join(ROOT, "bench"))
+    with GpuUtilization(interval_ms=100) as util:
+        wait_until(printed.exists, timeout=30, what="the fake nvidia-smi to print")
+    assert util.summary() == {"0": {"mean": 70.0, "median": 70.0, "samples": 3},
+                              "1": {"mean": 100.0, "median": 100.0, "samples": 1}}
