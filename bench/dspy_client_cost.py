@@ -21,7 +21,6 @@ import os
 import random
 import sys
 import time
-from types import SimpleNamespace
 
 import dspy
 
@@ -30,6 +29,7 @@ from dspy_eval import make_adapter, make_devset, metric  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from mpdp.integrations.dspy import completion_response  # noqa: E402
+from mpdp.requests import Completion  # noqa: E402
 
 _ALPHABET = ("abcdefghijklmnopqrstuvwxyz 的是不了人我在有他这为之大来以个中上们到说国和地也子时道出而要于"
              "就下得可你年生会自后过[]{}\":,.0123456789")
@@ -43,8 +43,8 @@ class InstantGarbage:
 
     def complete(self, request):
         text = "".join(self.rng.choice(_ALPHABET) for _ in range(self.chars))
-        completion = SimpleNamespace(text=text, finish_reason="length", prompt_tokens=300,
-                                     completion_tokens=512, reasoning=None, logprobs=None, worker=0)
+        completion = Completion(text=text, finish_reason="length", prompt_tokens=300, completion_tokens=512,
+                                worker=0, choices=[text], finish_reasons=["length"])
         return completion_response(completion, "instant-garbage", keep_reasoning=False)
 
     def stream(self, request):

@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -35,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mpdp  # noqa: E402
 import mpdp.dspy  # noqa: E402
 from gpu_util import GpuUtilization  # noqa: E402  (bench/ is on the path when run as a script)
-from scaling import cli_flags  # noqa: E402
+from scaling import cli_flags, stop_process_groups  # noqa: E402
 
 REFERENCE = ("seed's reference (different machine/model, context only): "
              "1 GPU 5.0 questions/min, 4 GPUs 16.7 questions/min, 3.34x")
@@ -174,21 +173,7 @@ class Servers:
         return total
 
     def close(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait()
+        stop_process_groups(self.procs)
         self.procs = []
 
 
@@ -231,8 +216,20 @@ def questions_for(threads: int, args) -> int:
     return max(args.questions, args.waves * threads)
 
 
-def run_variant(name: str, k: int, kind: str, thread_list: list[int], args, options) -> list[dict]:
+def measure(name: str, k: int, lm, counts, thread_list: list[int], args, setup_s: float,
+            settle_s: float = 0.0) -> list[dict]:
+    """One row per thread count; ``counts()`` reads the engines' request/token counters."""
     rows = []
+    for threads in thread_list:
+        devset = make_devset(questions_for(threads, args))
+        before = counts()
+        wall, score, busy = evaluate(lm, devset, threads, args.adapter)
+        time.sleep(settle_s)
+        rows.append(row(name, k, threads, wall, score, counts(), before, setup_s, len(devset), busy))
+    return rows
+
+
+def run_variant(name: str, k: int, kind: str, thread_list: list[int], args, options) -> list[dict]:
     setup_t0 = time.perf_counter()
     if kind == "mpdp":
         if args.engine == "echo":
@@ -244,12 +241,7 @@ def run_variant(name: str, k: int, kind: str, thread_list: list[int], args, opti
                               temperature=0.6, cache=False)
             lm("Say hi.")                                   # warm: the pool answers before timing
             setup_s = time.perf_counter() - setup_t0
-            for threads in thread_list:
-                devset = make_devset(questions_for(threads, args))
-                before = pool_counts(pool)
-                wall, score, busy = evaluate(lm, devset, threads, args.adapter)
-                after = pool_counts(pool)
-                rows.append(row(name, k, threads, wall, score, after, before, setup_s, len(devset), busy))
+            rows = measure(name, k, lm, lambda: pool_counts(pool), thread_list, args, setup_s)
         finally:
             pool.close()
     else:
@@ -261,13 +253,8 @@ def run_variant(name: str, k: int, kind: str, thread_list: list[int], args, opti
                 one("Say hi.")                              # warm every server
             lm = RoundRobinLM(lms) if k > 1 else lms[0]
             setup_s = time.perf_counter() - setup_t0
-            for threads in thread_list:
-                devset = make_devset(questions_for(threads, args))
-                before = servers.metrics()
-                wall, score, busy = evaluate(lm, devset, threads, args.adapter)
-                time.sleep(1)                               # let the counters settle
-                after = servers.metrics()
-                rows.append(row(name, k, threads, wall, score, after, before, setup_s, len(devset), busy))
+            rows = measure(name, k, lm, servers.metrics, thread_list, args, setup_s,
+                           settle_s=1.0)                    # let the servers' counters settle
         finally:
             servers.close()
     return rows

@@ -135,7 +135,7 @@ def main() -> None:
         ("dispatcher CPU µs/request (batch)", m["batch"]["dispatcher_cpu_us_per_request"], None, "<= 50"),
         ("dispatcher CPU µs/request (80 threads)", m["threads80"]["dispatcher_cpu_us_per_request"], None, "<= 50"),
     ]
-    print(f"| metric | mpdp | ProcessPoolExecutor(2) | ratio | target |\n|---|---|---|---|---|")
+    print("| metric | mpdp | ProcessPoolExecutor(2) | ratio | target |\n|---|---|---|---|---|")
     for name, a, b, target in rows:
         ratio = f"{a / b:.2f}" if b else "—"
         print(f"| {name} | {a:,.0f} | {'—' if b is None else f'{b:,.0f}'} | {ratio} | {target} |")

@@ -354,17 +354,26 @@ class Servers:
                             for s in range(k)]}
 
     def stop(self) -> None:
-        for p in self.procs:
+        stop_process_groups(self.procs)
+
+
+def stop_process_groups(procs: list[subprocess.Popen], grace_s: float = 30.0) -> None:
+    """SIGTERM each process's group (started with start_new_session: a server and its engine
+    cores), wait up to ``grace_s`` each, then SIGKILL the groups still there."""
+    for p in procs:
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for p in procs:
+        try:
+            p.wait(grace_s)
+        except subprocess.TimeoutExpired:
             try:
-                os.killpg(p.pid, signal.SIGTERM)
+                os.killpg(p.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        for p in self.procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(5)
+            p.wait(30)
 
 
 def _complete(port: int, ids: list[int], max_tokens: int) -> dict:

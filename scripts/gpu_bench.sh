@@ -16,8 +16,9 @@
 #
 # Writes into OUT_DIR: env.txt, pytest.log, scaling-N.json/.md/.log (N counts the calls),
 # scaling-N-logs/ (one log per engine process), and scaling.png + scaling.md merged over every
-# scaling-*.json there; the dspy part writes dspy_eval-N.json/.log and dspy_eval-N-logs/. The benchmark skips what would overrun its budget and prints the
-# --variants that would measure the rest.
+# scaling-*.json there; the dspy part writes dspy_eval-N.json/.log and dspy_eval-N-logs/.
+# The benchmarks skip what would overrun their budget (scaling.py prints the --variants that
+# would measure the rest).
 set -uo pipefail
 
 out=${1:?usage: scripts/gpu_bench.sh OUT_DIR [all|test|bench|dspy] [bench flags ...]}
@@ -41,9 +42,10 @@ rc=0
 
 if [ "$part" = dspy ]; then
   n=1; while [ -e "$out/dspy_eval-$n.json" ]; do n=$((n + 1)); done
-  echo "== DSPy program, budget $((budget - SECONDS))s ($(date +%T))"
+  left=$((budget - SECONDS))
+  echo "== DSPy program, budget ${left}s ($(date +%T))"
   python3 bench/dspy_eval.py --json "$out/dspy_eval-$n.json" --log-dir "$out/dspy_eval-$n-logs" \
-    --budget-s "$((budget - SECONDS))" "$@" 2>&1 | tee "$out/dspy_eval-$n.log"
+    --budget-s "$left" "$@" 2>&1 | tee "$out/dspy_eval-$n.log"
   rc=${PIPESTATUS[0]}
   echo "== done in ${SECONDS}s, exit $rc; results in $out"
   exit $rc
