@@ -7,8 +7,8 @@ Each thread count runs over max(--questions, --waves x threads) questions, so th
 count still has a steady state and not only a ramp-up and a drain.
 
 Variants: ``mpdp<k>`` (mpdp.dspy.LM on a k-GPU pool) and ``server<k>`` (k vLLM api_servers on
-loopback, one per GPU, DSPy threads spread over them round robin). The DSPy cache is off so every
-question reaches the engines. With dummy weights answers are random (accuracy ~0) and DSPy's
+loopback, one per GPU, started by bench/vllm_servers.py; DSPy threads spread over them round
+robin). The DSPy cache is off so every question reaches the engines. With dummy weights answers are random (accuracy ~0) and DSPy's
 ChatAdapter would fall back to JSONAdapter (a second LM call, in JSON mode) on every question:
 ``--adapter chat`` (the default) turns that fallback off so both routes do the same work, one call a
 question; ``--adapter chat+json`` keeps DSPy's default. LM calls are counted and reported.
@@ -23,10 +23,10 @@ import json
 import logging
 import os
 import random
-import subprocess
 import sys
 import time
-import urllib.request
+import warnings
+from pathlib import Path
 
 import dspy
 
@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mpdp  # noqa: E402
 import mpdp.dspy  # noqa: E402
 from gpu_util import GpuUtilization  # noqa: E402  (bench/ is on the path when run as a script)
-from scaling import cli_flags, stop_process_groups  # noqa: E402
+from vllm_servers import VllmServers  # noqa: E402
 
 REFERENCE = ("seed's reference (different machine/model, context only): "
              "1 GPU 5.0 questions/min, 4 GPUs 16.7 questions/min, 3.34x")
@@ -87,96 +87,6 @@ class RoundRobinLM(dspy.BaseLM):
         return await self._pick().aforward(*args, **kwargs)
 
 
-# ─── vLLM servers ────────────────────────────────────────────────────────────
-
-
-_LOG_FLAG: list = []
-
-
-def disable_log_flag() -> list[str]:
-    """['--disable-log-requests'] if this vLLM's api_server still has the flag, else []."""
-    if not _LOG_FLAG:
-        try:
-            out = subprocess.run([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--help"],
-                                 capture_output=True, text=True, timeout=180).stdout
-        except Exception:
-            out = ""
-        _LOG_FLAG.append(["--disable-log-requests"] if "--disable-log-requests" in out else [])
-    return _LOG_FLAG[0]
-
-
-def http_get(url: str, timeout: float = 5.0) -> str:
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return r.read().decode()
-
-
-def scrape_metrics(port: int) -> dict[str, float]:
-    """Summed vLLM Prometheus counters: successful requests and generation tokens."""
-    totals = {"requests": 0.0, "tokens": 0.0}
-    try:
-        text = http_get(f"http://127.0.0.1:{port}/metrics")
-    except Exception:
-        return totals
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        try:
-            value = float(line.rsplit(" ", 1)[1])
-        except (IndexError, ValueError):
-            continue
-        if name == "vllm:request_success_total":
-            totals["requests"] += value
-        elif name == "vllm:generation_tokens_total":
-            totals["tokens"] += value
-    return totals
-
-
-class Servers:
-    def __init__(self, model: str, k: int, options: dict, base_port: int, timeout: float, log_dir: str):
-        self.ports = [base_port + i for i in range(k)]
-        self.procs = []
-        extra = cli_flags(options) + disable_log_flag()
-        os.makedirs(log_dir, exist_ok=True)
-        for i, port in enumerate(self.ports):
-            cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-                   "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "bench", *extra]
-            env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(i))
-            log = open(os.path.join(log_dir, f"server{k}_{i}.log"), "w")
-            print(f"  starting: CUDA_VISIBLE_DEVICES={i} {' '.join(cmd)}", flush=True)
-            self.procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                               start_new_session=True))
-        deadline = time.monotonic() + timeout
-        pending = set(self.ports)
-        while pending:
-            for proc in self.procs:
-                if proc.poll() is not None:
-                    self.close()
-                    raise RuntimeError(f"a vLLM server exited with {proc.returncode} (logs in {log_dir})")
-            for port in list(pending):
-                try:
-                    http_get(f"http://127.0.0.1:{port}/v1/models", timeout=2)
-                    pending.discard(port)
-                except Exception:
-                    pass
-            if pending and time.monotonic() > deadline:
-                self.close()
-                raise TimeoutError(f"vLLM servers on {sorted(pending)} not up after {timeout:.0f} s")
-            if pending:
-                time.sleep(2)
-
-    def metrics(self) -> dict[str, float]:
-        total = {"requests": 0.0, "tokens": 0.0}
-        for port in self.ports:
-            for key, value in scrape_metrics(port).items():
-                total[key] += value
-        return total
-
-    def close(self) -> None:
-        stop_process_groups(self.procs)
-        self.procs = []
-
-
 # ─── Running one variant ─────────────────────────────────────────────────────
 
 
@@ -199,17 +109,19 @@ def make_adapter(name: str) -> dspy.Adapter:
     raise SystemExit(f"unknown adapter {name!r} (chat or chat+json)")
 
 
-def evaluate(lm, devset, threads: int, adapter: str) -> tuple[float, float, dict]:
-    """Wall seconds, score, and each GPU's kernel-busy share during the run ({} without GPUs)."""
+def evaluate(lm, devset, threads: int, adapter: str) -> tuple[float, float, dict, float]:
+    """Wall seconds, score, each GPU's kernel-busy share during the run ({} without GPUs), and the
+    CPU this process spent (every thread: DSPy, the LM client, mpdp's dispatcher; not the engines,
+    which are other processes) in cores: near 1.0 means the client held the GIL all the time."""
     program = dspy.ChainOfThought("question -> answer")
     evaluator = dspy.Evaluate(devset=devset, metric=metric, num_threads=threads, display_progress=False,
                               max_errors=len(devset) * 10 + 10, provide_traceback=False)
     with dspy.context(lm=lm, adapter=make_adapter(adapter)), GpuUtilization() as util:
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         result = evaluator(program)
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     score = getattr(result, "score", result)
-    return wall, float(score), util.summary()
+    return wall, float(score), util.summary(), cpu / wall
 
 
 def questions_for(threads: int, args) -> int:
@@ -223,9 +135,10 @@ def measure(name: str, k: int, lm, counts, thread_list: list[int], args, setup_s
     for threads in thread_list:
         devset = make_devset(questions_for(threads, args))
         before = counts()
-        wall, score, busy = evaluate(lm, devset, threads, args.adapter)
+        wall, score, busy, client_cores = evaluate(lm, devset, threads, args.adapter)
         time.sleep(settle_s)
-        rows.append(row(name, k, threads, wall, score, counts(), before, setup_s, len(devset), busy))
+        rows.append(row(name, k, threads, wall, score, counts(), before, setup_s, len(devset), busy)
+                    | {"client_cpu_cores": client_cores})
     return rows
 
 
@@ -245,7 +158,8 @@ def run_variant(name: str, k: int, kind: str, thread_list: list[int], args, opti
         finally:
             pool.close()
     else:
-        servers = Servers(args.model, k, options, args.base_port, args.server_timeout, args.log_dir)
+        servers = VllmServers(args.model, [str(i) for i in range(k)], options, Path(args.log_dir),
+                              timeout=args.server_timeout)
         try:
             lms = [dspy.LM("openai/bench", api_base=f"http://127.0.0.1:{p}/v1", api_key="x",
                            max_tokens=args.max_tokens, temperature=0.6, cache=False) for p in servers.ports]
@@ -256,7 +170,7 @@ def run_variant(name: str, k: int, kind: str, thread_list: list[int], args, opti
             rows = measure(name, k, lm, servers.metrics, thread_list, args, setup_s,
                            settle_s=1.0)                    # let the servers' counters settle
         finally:
-            servers.close()
+            servers.stop()
     return rows
 
 
@@ -282,15 +196,17 @@ def table(rows: list[dict]) -> str:
     def find(variant, threads):
         return next((r for r in rows if r["variant"] == variant and r["threads"] == threads), None)
 
-    lines = ["| variant | GPUs | threads | questions | questions/min | wall s | LM calls | output tok/s | GPU busy % | vs mpdp1 | vs server<k> |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | GPUs | threads | questions | questions/min | wall s | LM calls | output tok/s | GPU busy % "
+             "| client CPU cores | vs mpdp1 | vs server<k> |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         base = find("mpdp1", r["threads"])
         server = find(f"server{r['gpus']}", r["threads"])
         vs1 = f"{r['questions_per_min'] / base['questions_per_min']:.2f}x" if base else "-"
         vss = f"{r['questions_per_min'] / server['questions_per_min']:.2f}x" if server else "-"
         lines.append(f"| {r['variant']} | {r['gpus']} | {r['threads']} | {r['questions']} | {r['questions_per_min']:.1f} | "
-                     f"{r['wall_s']:.1f} | {r['lm_calls']} | {r['output_tokens_per_s']:.0f} | {busy_text(r)} | {vs1} | {vss} |")
+                     f"{r['wall_s']:.1f} | {r['lm_calls']} | {r['output_tokens_per_s']:.0f} | {busy_text(r)} | "
+                     f"{r['client_cpu_cores']:.2f} | {vs1} | {vss} |")
     return "\n".join(lines)
 
 
@@ -332,11 +248,12 @@ def main() -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--budget-s", type=float, default=None)
     p.add_argument("--server-timeout", type=float, default=300.0)
-    p.add_argument("--base-port", type=int, default=8100)
     p.add_argument("--log-dir", default="/tmp/dspy_eval_logs")
     p.add_argument("--engine", default="vllm", help=argparse.SUPPRESS)   # "echo": CPU self-check
     args = p.parse_args()
 
+    # DSPy 3.4 warns when messages= reaches an LM from anything but an adapter: here, RoundRobinLM.
+    warnings.filterwarnings("ignore", "Passing OpenAI-style", DeprecationWarning)
     logging.getLogger("LiteLLM").setLevel(logging.WARNING)
     logging.getLogger("dspy").setLevel(logging.CRITICAL)   # one parse-failure log per question otherwise
     dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=False)
@@ -373,7 +290,7 @@ def main() -> int:
             print(f"   threads {r['threads']}: {r['questions_per_min']:.1f} q/min, {r['wall_s']:.1f} s, "
                   f"{r['lm_calls']} LM calls ({r['calls_per_question']:.2f}/q), "
                   f"{r['output_tokens']} out tokens ({r['output_tokens_per_s']:.0f}/s), "
-                  f"GPU busy {busy_text(r)} %, score {r['score']:.1f}, setup {r['setup_s']:.0f} s", flush=True)
+                  f"GPU busy {busy_text(r)} %, client CPU {r['client_cpu_cores']:.2f} cores, score {r['score']:.1f}, setup {r['setup_s']:.0f} s", flush=True)
         rows += new
         write_json(args, rows, skipped)
 

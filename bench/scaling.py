@@ -48,12 +48,13 @@ import sys
 import threading
 import time
 import traceback
-import urllib.error
 import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from vllm_servers import VllmServers  # bench/ is on the path when run as a script
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLING = {"temperature": 0.6, "top_p": 0.95, "ignore_eos": True}
@@ -286,43 +287,18 @@ def run_on_hosts(parts: list[tuple[Host, list]], mode: str, args, timeout: float
 
 
 # -- OpenAI servers ---------------------------------------------------------------------------------
-class Servers:
-    """One `python -m vllm.entrypoints.openai.api_server` per GPU, on loopback ports."""
+class Servers(VllmServers):
+    """One OpenAI api_server per GPU (bench/vllm_servers.py), driven over HTTP /v1/completions."""
 
     def __init__(self, gpus: list[str], args, log_dir: Path):
-        self.ports, self.procs, self.logs, self.start_s = [], [], [], []
-        t0 = time.monotonic()
-        for i, gpu in enumerate(gpus):
-            port = _free_port()
-            cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model,
-                   "--served-model-name", "bench", "--host", "127.0.0.1", "--port", str(port),
-                   "--disable-uvicorn-access-log", *cli_flags(args.engine_options)]
-            path = log_dir / f"serve{i}.log"
-            env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu)
-            with open(path, "ab") as f:
-                self.procs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
-                                                   start_new_session=True))
-            self.ports.append(port)
-            self.logs.append(path)
+        super().__init__(args.model, gpus, args.engine_options, log_dir, timeout=args.serve_timeout)
         try:
-            self._wait_healthy(t0 + args.serve_timeout, t0)
             for port in self.ports:                           # warm-up, as the other variants get
                 for ids, m in tiny_requests(4):
                     _complete(port, ids, m)
         except BaseException:
             self.stop()
             raise
-
-    def _wait_healthy(self, deadline: float, t0: float) -> None:
-        for i, port in enumerate(self.ports):
-            while not _http_ok(f"http://127.0.0.1:{port}/health"):
-                if self.procs[i].poll() is not None:
-                    raise RuntimeError(f"server {i} exited ({self.procs[i].returncode}):\n"
-                                       f"{self.logs[i].read_text(errors='replace')[-3000:]}")
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"server {i} not healthy after {deadline - t0:.0f}s")
-                time.sleep(1.0)
-            self.start_s.append(time.monotonic() - t0)
 
     def run(self, requests, threads: int) -> dict:
         k = len(self.ports)
@@ -353,28 +329,6 @@ class Servers:
                 "per_gpu": [{"server": s, "busy_s": finished[s], "tokens": tokens[s], "requests": counts[s]}
                             for s in range(k)]}
 
-    def stop(self) -> None:
-        stop_process_groups(self.procs)
-
-
-def stop_process_groups(procs: list[subprocess.Popen], grace_s: float = 30.0) -> None:
-    """SIGTERM each process's group (started with start_new_session: a server and its engine
-    cores), wait up to ``grace_s`` each, then SIGKILL the groups still there."""
-    for p in procs:
-        try:
-            os.killpg(p.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    for p in procs:
-        try:
-            p.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait(30)
-
 
 def _complete(port: int, ids: list[int], max_tokens: int) -> dict:
     body = json.dumps({"model": "bench", "prompt": ids, "max_tokens": max_tokens, **SAMPLING}).encode()
@@ -382,34 +336,6 @@ def _complete(port: int, ids: list[int], max_tokens: int) -> dict:
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=900) as r:
         return json.load(r)
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cli_flags(options: dict) -> list[str]:
-    """vLLM engine options as `vllm serve` flags (also used by bench/dspy_eval.py)."""
-    flags = []
-    for key, value in options.items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            flags.append(flag)
-        elif value is False or value is None:
-            continue
-        else:
-            flags += [flag, json.dumps(value) if isinstance(value, (dict, list)) else str(value)]
-    return flags
 
 
 # -- planning ---------------------------------------------------------------------------------------
