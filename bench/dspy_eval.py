@@ -8,10 +8,10 @@ count still has a steady state and not only a ramp-up and a drain.
 
 Variants: ``mpdp<k>`` (mpdp.dspy.LM on a k-GPU pool) and ``server<k>`` (k vLLM api_servers on
 loopback, one per GPU, started by bench/vllm_servers.py; DSPy threads spread over them round
-robin). The DSPy cache is off so every question reaches the engines. With dummy weights answers are random (accuracy ~0) and DSPy's
-ChatAdapter would fall back to JSONAdapter (a second LM call, in JSON mode) on every question:
-``--adapter chat`` (the default) turns that fallback off so both routes do the same work, one call a
-question; ``--adapter chat+json`` keeps DSPy's default. LM calls are counted and reported.
+robin). The DSPy cache is off so every question reaches the engines. With dummy weights answers are
+random (accuracy ~0) and DSPy's ChatAdapter would fall back to JSONAdapter (a second LM call, in
+JSON mode) on every question: ``--adapter chat`` (the default) turns that fallback off so both
+routes do the same work, one call a question; ``--adapter chat+json`` keeps DSPy's default. LM calls are counted and reported.
 Self-check on CPU: ``--engine echo`` (mpdp "echo" engine, num_workers=k; server variants skipped).
 """
 
@@ -137,8 +137,8 @@ def measure(name: str, k: int, lm, counts, thread_list: list[int], args, setup_s
         before = counts()
         wall, score, busy, client_cores = evaluate(lm, devset, threads, args.adapter)
         time.sleep(settle_s)
-        rows.append(row(name, k, threads, wall, score, counts(), before, setup_s, len(devset), busy)
-                    | {"client_cpu_cores": client_cores})
+        rows.append(row(name, k, threads, wall, score, counts(), before, setup_s, len(devset), busy,
+                        client_cores))
     return rows
 
 
@@ -174,13 +174,13 @@ def run_variant(name: str, k: int, kind: str, thread_list: list[int], args, opti
     return rows
 
 
-def row(name, k, threads, wall, score, after, before, setup_s, n, busy) -> dict:
+def row(name, k, threads, wall, score, after, before, setup_s, n, busy, client_cores) -> dict:
     calls = after["requests"] - before["requests"]
     tokens = after["tokens"] - before["tokens"]
     return {"variant": name, "gpus": k, "threads": threads, "questions": n, "wall_s": wall,
             "questions_per_min": n / wall * 60, "lm_calls": int(calls), "output_tokens": int(tokens),
             "output_tokens_per_s": tokens / wall, "calls_per_question": calls / n,
-            "score": score, "setup_s": setup_s, "gpu_busy": busy}
+            "score": score, "setup_s": setup_s, "gpu_busy": busy, "client_cpu_cores": client_cores}
 
 
 # ─── Report ──────────────────────────────────────────────────────────────────
@@ -290,7 +290,8 @@ def main() -> int:
             print(f"   threads {r['threads']}: {r['questions_per_min']:.1f} q/min, {r['wall_s']:.1f} s, "
                   f"{r['lm_calls']} LM calls ({r['calls_per_question']:.2f}/q), "
                   f"{r['output_tokens']} out tokens ({r['output_tokens_per_s']:.0f}/s), "
-                  f"GPU busy {busy_text(r)} %, client CPU {r['client_cpu_cores']:.2f} cores, score {r['score']:.1f}, setup {r['setup_s']:.0f} s", flush=True)
+                  f"GPU busy {busy_text(r)} %, client CPU {r['client_cpu_cores']:.2f} cores, "
+                  f"score {r['score']:.1f}, setup {r['setup_s']:.0f} s", flush=True)
         rows += new
         write_json(args, rows, skipped)
 

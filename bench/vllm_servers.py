@@ -62,14 +62,18 @@ class VllmServers:
         deadline = t0 + timeout
         for i, port in enumerate(self.ports):
             while not http_ok(f"http://127.0.0.1:{port}/health"):
-                if self.procs[i].poll() is not None:
-                    tail = self.logs[i].read_text(errors="replace")[-3000:]
-                    raise RuntimeError(f"vLLM server {i} exited with {self.procs[i].returncode}:\n{tail}")
+                self._raise_if_one_exited()       # any of them: a later server's crash need not wait
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"vLLM server {i} (port {port}) not healthy after {timeout:.0f} s "
                                        f"(log: {self.logs[i]})")
                 time.sleep(1.0)
             self.start_s.append(time.monotonic() - t0)
+
+    def _raise_if_one_exited(self) -> None:
+        for i, proc in enumerate(self.procs):
+            if proc.poll() is not None:
+                tail = self.logs[i].read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"vLLM server {i} exited with {proc.returncode}:\n{tail}")
 
     def metrics(self) -> dict[str, float]:
         """Successful requests and generated tokens, summed over every server."""

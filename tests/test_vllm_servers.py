@@ -28,9 +28,12 @@ FAKE_SERVER = textwrap.dedent('''
     p.add_argument("--disable-log-requests", action="store_true")
     a = p.parse_args()
     print("args", sys.argv[1:], "gpu", os.environ.get("CUDA_VISIBLE_DEVICES"), flush=True)
-    if a.model == "broken":
+    gpu = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if a.model == "broken" or (a.model == "second-breaks" and gpu == "1"):
         print("RuntimeError: no CUDA device", flush=True)
         sys.exit(3)
+    if a.model == "second-breaks":       # GPU 0 never comes up
+        time.sleep(600)
     core = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     with open(os.path.join(os.environ["FAKE_PIDS"], str(a.port)), "w") as f:
         f.write(str(core.pid))
@@ -89,6 +92,12 @@ def test_a_server_that_exits_is_reported_with_its_log(fake, tmp_path, no_child_l
     command, _ = fake
     with pytest.raises(RuntimeError, match="(?s)exited with 3.*no CUDA device"):
         VllmServers("broken", ["0", "1"], {}, tmp_path / "logs", timeout=60, command=command)
+
+
+def test_a_later_server_that_exits_is_seen_while_waiting_for_an_earlier_one(fake, tmp_path, no_child_left):
+    command, _ = fake
+    with pytest.raises(RuntimeError, match="server 1 exited with 3"):
+        VllmServers("second-breaks", ["0", "1"], {}, tmp_path / "logs", timeout=120, command=command)
 
 
 def test_cli_flags():
