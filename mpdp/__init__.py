@@ -7,13 +7,14 @@
 
 from mpdp.errors import (ContextWindowExceededError, EngineError, MpdpError, PoolBroken, PoolClosed,
                          ProtocolError, RequestTimeout, WorkerCrashed, WorkerStartError)
-from mpdp.pool import DEFAULT_MODEL, Pool
+from mpdp.config import PoolConfig, SamplingParams
+from mpdp.pool import DEFAULT_MODEL, Delta, Pool, Stream
 from mpdp.requests import Completion
-from mpdp.transport import CurveKeys, Transport
+from mpdp.wire.transport import CurveKeys, Transport
 
 __version__ = "0.1.0"
 
-__all__ = ["Pool", "Completion", "DEFAULT_MODEL", "Transport", "CurveKeys", "MpdpError", "PoolClosed",
+__all__ = ["Pool", "PoolConfig", "SamplingParams", "Stream", "Delta", "Completion", "DEFAULT_MODEL", "Transport", "CurveKeys", "MpdpError", "PoolClosed",
            "PoolBroken", "WorkerStartError", "WorkerCrashed", "RequestTimeout", "EngineError",
            "ContextWindowExceededError", "ProtocolError", "vLLMOfflineMultiGPU", "vLLMOffline"]
 

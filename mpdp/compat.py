@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from mpdp.pool import default_engine
-    from mpdp.supervisor import visible_gpus
+    from mpdp.launch.local import visible_gpus
 
     on_gpu = (args.engine or default_engine()) == "vllm"
     args.num_gpus = args.num_gpus or (len(visible_gpus()) if on_gpu else 2)

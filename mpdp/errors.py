@@ -59,3 +59,32 @@ def describe_exit(exitcode: int | None) -> str:
         except ValueError:
             return f"signal {-exitcode}"
     return f"exit code {exitcode}"
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an error raised inside a worker, kept as ``__cause__`` (as CPython's
+    process pool does with ``_RemoteTraceback``)."""
+
+    def __init__(self, tb: str):
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.tb}"""'
+
+
+# The one table of error names that travel on the wire (EngineResult.error_type) and the
+# exception each becomes in the caller. An unknown name is an EngineError.
+ERROR_NAMES: dict[str, type[Exception]] = {
+    "ValueError": ValueError,
+    "TypeError": TypeError,
+    "ContextWindowExceeded": ContextWindowExceededError,
+    "EngineError": EngineError,
+}
+
+
+def error_from_wire(name: str, message: str, traceback: str | None = None) -> Exception:
+    exc = ERROR_NAMES.get(name, EngineError)(message)
+    if traceback:
+        exc.__cause__ = RemoteTraceback(traceback)
+    return exc

@@ -1,59 +1,52 @@
 """``mpdp.Pool``: the public face. Checks requests in the caller's thread, hands them to the dispatcher.
 
-Every method here is safe to call from any number of threads: callers only validate, create
-futures, and append to the dispatcher's command queue (see ``mpdp/dispatcher.py`` for the
-data flow). Results come back as ``concurrent.futures.Future`` objects resolved by the
-dispatcher thread; batch calls return in input order.
+One request's path, file by file::
 
-Backpressure: at most ``max_pending`` requests are pending at once; ``submit`` and
-``generate`` block (never drop) until there is room, and ``imap`` streams an iterator of any
-length through a bounded window.
+    Pool.submit()            pool.py            validate (requests.py, config.py), admit (core/admission.py)
+      └─ Submit command ──▶  core/dispatcher.py pending table; Scheduler.schedule() (routing/)
+           └─ SUBMIT frame ─▶ wire/protocol.py  over the ROUTER (wire/transport.py) to a worker
+                worker/loop.py  engine.add(); engine.step() (engines/)
+           ◀─ RESULTS frame ── partial results to the request's sink (stream()), the final one
+      ◀─ future.set_result ── core/dispatcher.py  (done-callbacks on their own thread: core/futures.py)
+
+Workers come from a launcher (``launch/``: local processes, or Ray actors) and are watched and
+restarted by ``core/supervisor.py``. Every method here is safe to call from any number of
+threads. Backpressure: at most ``max_pending`` requests are pending at once; ``submit`` and
+``generate`` block (never drop) until there is room, ``agenerate`` waits without blocking
+its event loop, and ``imap`` streams an iterator of any length through a bounded window.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib.util
 import itertools
 import os
-import tempfile
+import queue
 import time
 import weakref
-from collections import deque
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 from mpdp import errors
-from mpdp.dispatcher import Dispatcher, Entry, PoolState
-from mpdp.engines import GPU_ENGINES, resolve_model
+from mpdp.config import PoolConfig, SamplingParams, check_sampling
+from mpdp.core.admission import Admission, PoolState
+from mpdp.core.dispatcher import Close, Dispatcher, Entry, Submit, finite_deadline
+from mpdp.core.futures import PoolFuture, failed_future
+from mpdp.core.supervisor import LaunchConfig, Supervisor, plan_slots
+from mpdp.engines import engine_class, resolve_model
+from mpdp.engines.base import EngineResult
 from mpdp.gcpause import gc_paused
-from mpdp.requests import Completion, build_request, check_sampling, estimate_cost, prefix_key
-from mpdp.scheduler import POLICIES, Scheduler, Ticket
-from mpdp.supervisor import LaunchConfig, Supervisor, plan_slots, visible_gpus
-from mpdp.transport import Transport
+from mpdp.launch import make_launcher
+from mpdp.launch.local import visible_gpus
+from mpdp.requests import Completion, build_request, estimate_cost
+from mpdp.routing import POLICIES, Scheduler, Ticket
+from mpdp.wire.transport import Transport
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-_READY_TIMEOUT = {"vllm": 900.0, "hf": 300.0}
-_HEARTBEAT_TIMEOUT = {"vllm": 60.0}
 _CHUNK = 4096          # requests per command posted by generate(): one wake-up per chunk
-
-
-class _PoolFuture(Future):
-    """A Future whose cancel() also aborts the request inside its engine.
-
-    The pool never marks its futures RUNNING, so cancel() succeeds until the result is set.
-    """
-
-    def __init__(self, request_id: int, on_cancel):
-        super().__init__()
-        self.request_id = request_id
-        self._on_cancel = on_cancel
-
-    def cancel(self) -> bool:
-        if super().cancel():
-            self._on_cancel(("cancel", self.request_id))
-            return True
-        return False
 
 
 def default_engine() -> str:
@@ -63,46 +56,61 @@ def default_engine() -> str:
     return "hf"
 
 
+_CONFIG_FIELDS = {f.name for f in dataclasses.fields(PoolConfig)} - {"sampling"}
+
+
 class Pool:
-    """A data-parallel pool of engines, one per worker process (per GPU, or per tensor-parallel group).
+    """A data-parallel pool of engines, one per worker (per GPU, or per tensor-parallel group).
 
     ``Pool(model, engine="hf", num_workers=2)`` on CPU; ``Pool(model, engine="vllm", num_gpus=4)``
-    on GPUs. Sampling keywords given here (vLLM ``SamplingParams`` names) are defaults that
-    each request may override.
+    on GPUs; ``Pool(config=PoolConfig(...))`` from a typed configuration. Sampling keywords
+    given here (vLLM ``SamplingParams`` names) are defaults that each request may override.
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, engine: str | None = None, num_workers: int | None = None,
                  num_gpus: int | None = None, tensor_parallel_size: int = 1, engine_options: dict | None = None,
-                 *, gpus: list[int] | None = None, routing: str = "least_loaded", max_batch: int = 512,
-                 max_pending: int = 100_000, max_crashes: int = 2, heartbeat_interval: float = 0.5,
-                 heartbeat_timeout: float | None = None, ready_timeout: float | None = None,
-                 shutdown_timeout: float = 30.0, transport: str | Transport = "ipc", worker_logs: str = "file",
-                 worker_env: dict[str, str] | None = None, wait_ready: bool = True, **sampling_defaults):
-        engine = engine or default_engine()
-        options = dict(engine_options or {})
-        self.defaults = check_sampling(sampling_defaults)
-        self.engine, self.max_pending = engine, int(max_pending)
-        if self.max_pending < 1 or max_crashes < 1:
-            raise ValueError("max_pending and max_crashes must be >= 1")
-        if routing not in POLICIES:
-            raise ValueError(f"routing must be one of {', '.join(POLICIES)}, not {routing!r}")
-        if worker_logs not in ("file", "inherit"):
-            raise ValueError("worker_logs must be 'file' (kept for error reports) or 'inherit'")
-        slots = self._plan(engine, num_workers, num_gpus, tensor_parallel_size, gpus, options)
-        self.model = resolve_model(engine, model, options)
+                 *, config: PoolConfig | None = None, transport: str | Transport = "ipc", **kwargs):
+        settings = {k: kwargs.pop(k) for k in list(kwargs) if k in _CONFIG_FIELDS}
+        if config is None:
+            transport_kind = transport if isinstance(transport, str) else transport.kind
+            config = PoolConfig(model=model, engine=engine, num_workers=num_workers, num_gpus=num_gpus,
+                                tensor_parallel_size=tensor_parallel_size,
+                                engine_options=dict(engine_options or {}), transport=transport_kind,
+                                sampling=SamplingParams.from_dict(kwargs), **settings)
+        elif kwargs or settings:
+            raise TypeError("give either config= or keyword settings, not both")
+        self._owner_pid = os.getpid()
+        self.config = config
+        self.engine = config.engine or default_engine()
+        self.engine_info = engine_cls = engine_class(self.engine)
+        self.defaults = config.sampling
+        self.max_pending = config.max_pending
+        if config.routing not in POLICIES:
+            raise ValueError(f"routing must be one of {', '.join(POLICIES)}, not {config.routing!r}")
+        options = dict(config.engine_options)
+        slots = self._plan(engine_cls, config, options)
+        self.model = resolve_model(self.engine, config.model, options)
         self.num_workers = len(slots)
-        transport = transport if isinstance(transport, Transport) else Transport(kind=transport)
-        log_dir = tempfile.mkdtemp(prefix="mpdp-logs-") if worker_logs == "file" else None
-        launch = LaunchConfig(engine, self.model, options, heartbeat_interval, log_dir, dict(worker_env or {}))
+        if isinstance(transport, str):
+            transport = Transport(kind=config.transport, host=config.transport_host, port=config.transport_port)
+        self._policy = POLICIES[config.routing]()
+        self._admission = admission = Admission(config.max_pending)
+        launch = LaunchConfig(self.engine, self.model, options, config.heartbeat_interval,
+                              config.dispatcher_timeout, dict(config.worker_env))
+
+        def supervisor(endpoint: str) -> Supervisor:
+            return Supervisor(slots, launch, make_launcher(config), endpoint, transport.curve)
+
         self._dispatcher = d = Dispatcher(
-            lambda endpoint: Supervisor(slots, launch, endpoint, transport.curve), transport,
-            Scheduler(POLICIES[routing](), max_batch=max_batch),
-            heartbeat_timeout=heartbeat_timeout or _HEARTBEAT_TIMEOUT.get(engine, 10.0),
-            ready_timeout=ready_timeout or _READY_TIMEOUT.get(engine, 60.0),
-            max_crashes=max_crashes, shutdown_timeout=shutdown_timeout)
+            supervisor, transport, Scheduler(self._policy, max_batch=config.max_batch,
+                                             max_crashes=config.max_crashes), admission,
+            heartbeat_interval=config.heartbeat_interval,
+            heartbeat_timeout=config.heartbeat_timeout or engine_cls.heartbeat_timeout,
+            ready_timeout=config.ready_timeout or engine_cls.ready_timeout,
+            shutdown_timeout=config.shutdown_timeout)
         # Runs on close(), garbage collection or interpreter exit; holds no reference to the pool.
-        self._finalizer = weakref.finalize(self, _shutdown, d, False, 10.0, log_dir)
-        if wait_ready:
+        self._finalizer = weakref.finalize(self, _shutdown, d, False, 10.0, self._owner_pid)
+        if config.wait_ready:
             try:
                 d.ready.wait()
             except BaseException:          # Ctrl-C while engines load
@@ -113,18 +121,21 @@ class Pool:
                 raise d.start_error
 
     @staticmethod
-    def _plan(engine, num_workers, num_gpus, tp, gpus, options):
-        if tp < 1:
-            raise ValueError(f"tensor_parallel_size must be >= 1, got {tp}")
-        if engine not in GPU_ENGINES:
+    def _plan(engine_cls, config: PoolConfig, options: dict):
+        tp, num_gpus, gpus = config.tensor_parallel_size, config.num_gpus, config.gpus
+        if not engine_cls.uses_gpu:
             if num_gpus or gpus:
-                raise ValueError(f"the {engine!r} engine runs on CPU: give num_workers, not num_gpus/gpus")
-            return plan_slots(num_workers or min(4, os.cpu_count() or 1), None, 1)
+                raise ValueError(f"the {engine_cls.name!r} engine runs on CPU: give num_workers, not num_gpus/gpus")
+            return plan_slots(config.num_workers or min(4, os.cpu_count() or 1), None, 1)
+        options.setdefault("tensor_parallel_size", tp)
+        if config.launcher != "local":       # the cluster places GPUs (Ray sets each actor's)
+            count = config.num_workers or (num_gpus or tp) // tp
+            return plan_slots(count, None, 1)
         visible = visible_gpus()
         if gpus is not None:
             try:
                 chosen = [visible[i] for i in gpus]
-            except (IndexError, TypeError):
+            except IndexError:
                 raise ValueError(f"gpus={gpus!r} must index the {len(visible)} visible GPUs") from None
         else:
             chosen = visible[:num_gpus] if num_gpus else visible
@@ -134,8 +145,7 @@ class Pool:
             raise ValueError("no GPU is visible: use engine='hf' on CPU, or set CUDA_VISIBLE_DEVICES")
         if len(chosen) % tp:
             raise ValueError(f"{len(chosen)} GPUs do not split into groups of tensor_parallel_size={tp}")
-        options.setdefault("tensor_parallel_size", tp)
-        return plan_slots(num_workers or len(chosen) // tp, chosen, tp)
+        return plan_slots(config.num_workers or len(chosen) // tp, chosen, tp)
 
     # -- submitting ---------------------------------------------------------------------------------
     def submit(self, prompt: str | None = None, *, messages: list[dict] | None = None,
@@ -145,62 +155,117 @@ class Pool:
         params = self._params(sampling)
         return self._post([self._entry(prompt, messages, prompt_token_ids, params, timeout)])[0]
 
+    def stream(self, prompt: str | None = None, *, messages: list[dict] | None = None,
+               prompt_token_ids: list[int] | None = None, timeout: float | None = None,
+               **sampling) -> "Stream":
+        """One request whose text arrives as the engine decodes it: iterate the ``Stream`` for
+        ``Delta``s; ``stream.result()`` is the ``Completion``."""
+        s = Stream()
+        entry = self._entry(prompt, messages, prompt_token_ids, self._params(sampling), timeout, stream=True)
+        entry.sink = s._queue.put
+        s.future = self._post([entry])[0]
+        return s
+
+    async def astream(self, prompt: str | None = None, **kwargs) -> "AsyncStream":
+        """``stream`` for asyncio: ``async for delta in await pool.astream(...)``; waits for room
+        without blocking the event loop."""
+        loop = asyncio.get_running_loop()
+        s = AsyncStream(loop)
+        timeout = kwargs.pop("timeout", None)
+        messages, ids = kwargs.pop("messages", None), kwargs.pop("prompt_token_ids", None)
+        entry = self._entry(prompt, messages, ids, self._params(kwargs), timeout, stream=True)
+        entry.sink = s._push
+        s.future = (await self._apost([entry]))[0]
+        return s
+
     def generate(self, items: Iterable[Any], *, timeout: float | None = None,
                  return_exceptions: bool = False, **sampling) -> list[Completion]:
         """Many requests; results in input order. Items: a prompt string, a messages list, or a dict
-        with ``prompt``/``messages``/``prompt_token_ids`` and per-item sampling overrides."""
-        futures = self._submit_items(items, timeout, sampling)
+        with ``prompt``/``messages``/``prompt_token_ids`` and per-item sampling overrides. With
+        ``return_exceptions=True`` a bad item's error takes its place, as in ``imap``."""
+        futures = self._submit_items(items, timeout, sampling, return_exceptions)
         return [_outcome(f, return_exceptions) for f in futures]
 
     async def agenerate(self, items: Iterable[Any], *, timeout: float | None = None,
                         return_exceptions: bool = False, **sampling) -> list[Completion]:
-        futures = self._submit_items(items, timeout, sampling)
+        params = self._params(sampling)
+        futures: list[Future] = []
+        try:
+            for chunk in self._chunks(items, params, timeout, return_exceptions):
+                futures.extend(await self._apost(chunk))
+        except BaseException:
+            _cancel_all(futures)
+            raise
         return await asyncio.gather(*(asyncio.wrap_future(f) for f in futures),
                                     return_exceptions=return_exceptions)
 
     async def asubmit(self, prompt: str | None = None, **kwargs) -> Completion:
-        return await asyncio.wrap_future(self.submit(prompt, **kwargs))
+        timeout = kwargs.pop("timeout", None)
+        messages, ids = kwargs.pop("messages", None), kwargs.pop("prompt_token_ids", None)
+        entry = self._entry(prompt, messages, ids, self._params(kwargs), timeout)
+        (future,) = await self._apost([entry])
+        return await asyncio.wrap_future(future)
 
     def imap(self, items: Iterable[Any], *, window: int | None = None, timeout: float | None = None,
              return_exceptions: bool = False, **sampling) -> Iterator[Completion]:
-        """Stream results in input order over an iterator of any length, at most ``window`` in flight."""
+        """Stream results in input order over an iterator of any length, at most ``window`` in flight.
+        Leaving the loop early (break, close(), an exception) cancels what is still in flight."""
         window = window or min(self.max_pending, 8192)
         params = self._params(sampling)
-        in_flight: deque[Future] = deque()
-        for item in items:
-            try:
-                future = self._post([self._item_entry(item, params, timeout)])[0]
-            except (ValueError, TypeError) as exc:
-                if not return_exceptions:
-                    raise
-                future = Future()               # a bad item fails alone, in its place
-                future.set_exception(exc)
-            in_flight.append(future)
-            if len(in_flight) >= window:
-                yield _outcome(in_flight.popleft(), return_exceptions)
-        while in_flight:
-            yield _outcome(in_flight.popleft(), return_exceptions)
+        in_flight: list[Future] = []
+        head = 0
+        try:
+            for item in items:
+                try:
+                    future = self._post([self._item_entry(item, params, timeout)])[0]
+                except (ValueError, TypeError) as exc:
+                    if not return_exceptions:
+                        raise
+                    future = failed_future(exc)
+                in_flight.append(future)
+                if len(in_flight) - head >= window:
+                    yield _outcome(in_flight[head], return_exceptions)
+                    head += 1
+                    if head > 4096:            # keep the list short without a deque's cost per item
+                        del in_flight[:head]
+                        head = 0
+            while head < len(in_flight):
+                yield _outcome(in_flight[head], return_exceptions)
+                head += 1
+        finally:
+            _cancel_all(in_flight[head:])
 
-    def _submit_items(self, items, timeout, sampling) -> list[Future]:
-        """Validate and post in chunks, so the workers start on the first chunk while later
-        ones are still being built. Every item is checked before anything is posted only when
-        ``items`` fits one chunk; a bad item further on raises after the earlier chunks went out
-        (their futures are cancelled, so nothing is left running)."""
-        params = self._params(sampling)
-        futures: list[Future] = []
+    def _chunks(self, items, params, timeout, return_exceptions) -> Iterator[list[Entry | Future]]:
         items = iter(items)
         size = min(_CHUNK, self.max_pending)       # a bigger chunk than max_pending never finds room
+        while True:
+            with gc_paused():
+                chunk = []
+                for item in itertools.islice(items, size):
+                    try:
+                        chunk.append(self._item_entry(item, params, timeout))
+                    except (ValueError, TypeError) as exc:
+                        if not return_exceptions:
+                            raise
+                        chunk.append(failed_future(exc))
+            if not chunk:
+                return
+            yield chunk
+
+    def _submit_items(self, items, timeout, sampling, return_exceptions) -> list[Future]:
+        """Validate and post in chunks, so the workers start on the first chunk while later
+        ones are still being built. A bad item further on raises after the earlier chunks
+        went out (their futures are cancelled, so nothing is left running), unless
+        ``return_exceptions``, where its error takes its place."""
+        params = self._params(sampling)
+        futures: list[Future] = []
         try:
-            while True:
-                with gc_paused():
-                    chunk = [self._item_entry(item, params, timeout) for item in itertools.islice(items, size)]
-                if not chunk:
-                    return futures
+            for chunk in self._chunks(items, params, timeout, return_exceptions):
                 futures.extend(self._post(chunk))
         except BaseException:
-            for f in futures:
-                f.cancel()
+            _cancel_all(futures)
             raise
+        return futures
 
     def _item_entry(self, item, params, timeout) -> Entry:
         if isinstance(item, str):
@@ -218,53 +283,60 @@ class Pool:
                         f"not {type(item).__name__}")
 
     def _params(self, sampling: dict, base: dict | None = None) -> dict:
+        """The wire params: defaults, with validated overrides. Validated once, here."""
+        if base is None:
+            base = self.defaults.to_dict()
         if not sampling:
-            return base if base is not None else self.defaults
-        merged = dict(self.defaults if base is None else base)
-        merged.update(check_sampling(sampling))
+            return base
+        checked = check_sampling(sampling)
+        unsupported = set(checked) - self.engine_info.sampling_fields
+        if unsupported:
+            raise ValueError(f"the {self.engine} engine does not support {', '.join(sorted(unsupported))}")
+        merged = dict(base)
+        merged.update(checked)
         return merged
 
-    def _entry(self, prompt, messages, ids, params, timeout) -> Entry:
-        request = build_request(0, prompt, messages, ids, params)   # the id is given in _post
-        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+    def _entry(self, prompt, messages, ids, params, timeout, stream: bool = False) -> Entry:
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not timeout > 0):
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-        d = self._dispatcher
-        return Entry(request, _PoolFuture(request.id, d.post),
-                     Ticket(request.id, estimate_cost(request), prefix_key(request)),
-                     time.monotonic() + timeout if timeout else None)
+        request = build_request(0, prompt, messages, ids, params)   # the id is given in _post
+        request.stream = stream
+        return Entry(request, PoolFuture(0, self._dispatcher.cancel),
+                     Ticket(0, estimate_cost(request), self._policy.route_key(request)),
+                     finite_deadline(timeout, time.monotonic()))
 
-    def _post(self, entries: list[Entry]) -> list[Future]:
-        d = self._dispatcher
-        self._wait_for_room(len(entries))
-        with d.state_lock:
-            if d.state not in (PoolState.RUNNING, PoolState.STARTING):
-                raise errors.PoolClosed(f"the pool is {d.state.value}; no new requests")
-            for e in entries:     # unique ids under the lock, whatever threads raced in _entry
-                d.last_id += 1
-                e.request.id = e.ticket.id = e.future.request_id = d.last_id
-            d.submitted += len(entries)
-            d.post(("submit", entries))
-        return [e.future for e in entries]
+    def _post(self, entries: list) -> list[Future]:
+        """Admit (waiting for room), number and hand over. Items already failed are passed through."""
+        self._check_process()
+        real = [e for e in entries if isinstance(e, Entry)]
+        if real:
+            first = self._admission.admit(len(real))
+            for i, e in enumerate(real, first):
+                e.request.id = e.ticket.id = e.future.request_id = i
+            self._dispatcher.post(Submit(real))
+        return [e.future if isinstance(e, Entry) else e for e in entries]
 
-    def _wait_for_room(self, n: int) -> None:
-        d = self._dispatcher
-        if d.submitted - d.completed + n <= self.max_pending:
-            return
-        with d.space:
-            d.space_waiters += 1
-            try:
-                while d.submitted - d.completed + n > self.max_pending and d.state == PoolState.RUNNING:
-                    d.space.wait(0.5)
-            finally:
-                d.space_waiters -= 1
+    async def _apost(self, entries: list) -> list[Future]:
+        real = sum(isinstance(e, Entry) for e in entries)
+        if self._admission.has_room(real):
+            return self._post(entries)
+        return await asyncio.to_thread(self._post, entries)   # wait for room off the event loop
+
+    def _check_process(self) -> None:
+        if os.getpid() != self._owner_pid:
+            raise errors.PoolBroken(f"this pool belongs to process {self._owner_pid}; a forked child "
+                                    "cannot use it (its dispatcher thread and workers stayed in the "
+                                    "parent): create a new Pool in the child")
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def close(self, wait: bool = True, *, cancel_pending: bool = False, timeout: float | None = None) -> None:
         """Stop the pool. ``wait=True`` finishes pending requests first; ``wait=False`` or
         ``cancel_pending=True`` fails them with PoolClosed and aborts them in the engines."""
-        wait = wait and not cancel_pending
-        _shutdown(self._dispatcher, wait, timeout, None)
-        self._finalizer()         # kills leftovers, removes the log folder; runs once
+        if os.getpid() != self._owner_pid:
+            return
+        _shutdown(self._dispatcher, wait and not cancel_pending, timeout, self._owner_pid)
+        self._finalizer()         # kills leftovers; runs once
 
     def __enter__(self) -> "Pool":
         return self
@@ -274,25 +346,107 @@ class Pool:
         self.close(wait=exc_type is None)
 
     @property
+    def state(self) -> str:
+        return self._admission.state.value
+
+    @property
     def closed(self) -> bool:
-        return self._dispatcher.state in (PoolState.CLOSED, PoolState.BROKEN)
+        return self._admission.state in (PoolState.CLOSED, PoolState.BROKEN)
 
     def stats(self) -> dict[str, Any]:
-        d = self._dispatcher
-        loads = d.scheduler.workers
-        workers = []
-        for s in d.slots:
-            load = loads.get(s.index)
-            workers.append({
-                "index": s.index, "pid": s.pid, "alive": s.alive, "state": s.state.value,
-                "gpus": s.gpus, "capacity": s.capacity, "in_flight": len(load.in_flight) if load else 0,
-                "requests": s.requests, "tokens": s.tokens, "prompt_tokens": s.prompt_tokens,
-                "restarts": s.restarts, "max_model_len": s.max_model_len,
-                "first_dispatch": s.first_dispatch, "last_result": s.last_result,
-            })
-        return {"state": d.state.value, "engine": self.engine, "model": self.model, "workers": workers,
-                "pending": d.num_pending(), "waiting": d.scheduler.num_waiting,
-                "submitted": d.submitted, "completed": d.completed, "dropped_frames": d.dropped_frames}
+        """A snapshot the dispatcher publishes in its next round."""
+        a, snap = self._admission, self._dispatcher.fresh_snapshot()
+        return {"state": a.state.value, "engine": self.engine, "model": self.model, **snap,
+                "submitted": a.submitted, "completed": a.completed}
+
+
+@dataclass(slots=True, frozen=True)
+class Delta:
+    """New text of a streamed request: one entry per choice ("" where a choice has nothing new)."""
+
+    texts: list[str]
+    finished: bool = False
+
+
+class _StreamBase:
+    future: Future
+
+    def __init__(self):
+        self._sent: list[int] = []
+
+    def _delta(self, res: EngineResult | None) -> Delta | None:
+        """A partial result is a delta already; the final one carries whole texts: send the rest."""
+        if res is None:
+            return None
+        if not res.finished:
+            if len(self._sent) < len(res.texts):
+                self._sent.extend([0] * (len(res.texts) - len(self._sent)))
+            for i, t in enumerate(res.texts):
+                self._sent[i] += len(t)
+            return Delta(list(res.texts))
+        self._sent.extend([0] * (len(res.texts) - len(self._sent)))
+        return Delta([t[self._sent[i]:] for i, t in enumerate(res.texts)], finished=True)
+
+    def result(self, timeout: float | None = None) -> Completion:
+        return self.future.result(timeout)
+
+    def cancel(self) -> bool:
+        return self.future.cancel()
+
+
+class Stream(_StreamBase):
+    """Iterate for ``Delta``s; ends after the final one (or raises the request's error)."""
+
+    def __init__(self):
+        super().__init__()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+
+    def __iter__(self) -> Iterator[Delta]:
+        try:
+            while True:
+                try:
+                    res = self._queue.get(timeout=0.5)
+                except queue.Empty:
+                    if self.future.done() and self._queue.empty():
+                        self.future.result(0)      # raises its error (cancelled, closed)
+                        return
+                    continue
+                delta = self._delta(res)
+                if delta is None:
+                    self.future.result(0)
+                    return
+                yield delta
+                if delta.finished:
+                    return
+        finally:
+            if not self.future.done():
+                self.future.cancel()               # the consumer left: abort it in the engine
+
+
+class AsyncStream(_StreamBase):
+    """``async for delta in stream``; leaving early cancels the request in its engine."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        super().__init__()
+        self._loop = loop
+        self._queue: asyncio.Queue = asyncio.Queue()
+
+    def _push(self, res: EngineResult | None) -> None:     # on the dispatcher thread: never blocks
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, res)
+
+    async def __aiter__(self):
+        try:
+            while True:
+                delta = self._delta(await self._queue.get())
+                if delta is None:
+                    await asyncio.wrap_future(self.future)   # raises its error
+                    return
+                yield delta
+                if delta.finished:
+                    return
+        finally:
+            if not self.future.done():
+                self.future.cancel()
 
 
 def _outcome(future: Future, return_exceptions: bool):
@@ -302,13 +456,17 @@ def _outcome(future: Future, return_exceptions: bool):
     return future.result()
 
 
-def _shutdown(d: Dispatcher, wait: bool, timeout: float | None, log_dir: str | None) -> None:
-    if d.begin_close(wait):
-        d.post(("close", (wait, "the pool was closed with this request pending")))
-    # A future's done-callback runs on the dispatcher thread: waiting there for the dispatcher
-    # to stop would wait for itself. It stops once the callback returns.
+def _cancel_all(futures) -> None:
+    for f in futures:
+        f.cancel()
+
+
+def _shutdown(d: Dispatcher, wait: bool, timeout: float | None, owner_pid: int) -> None:
+    if os.getpid() != owner_pid:         # a forked child's exit must not touch the parent's pool
+        return
+    if d.admission.begin_close(wait):
+        d.post(Close(wait, "the pool was closed with this request pending"))
+    # A future's done-callback no longer runs on the dispatcher thread, but a sink does:
+    # waiting there for the dispatcher to stop would wait for itself.
     if not d.is_dispatcher_thread():
         d.stopped.wait(timeout)
-    if log_dir:
-        import shutil
-        shutil.rmtree(log_dir, ignore_errors=True)

@@ -7,16 +7,12 @@ tokens against the context) is checked in the worker and fails that request alon
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
-from mpdp import protocol
+from mpdp.config import ROLES, check_sampling  # noqa: F401  (check_sampling: re-exported for callers)
 from mpdp.engines.base import EngineRequest
-
-ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
-MAX_TOKENS_LIMIT = 1 << 20          # beyond any context window: a typo, not a request
-MAX_N = 128
+from mpdp.wire import protocol
 
 
 @dataclass(slots=True, frozen=True)
@@ -31,121 +27,6 @@ class Completion:
     choices: list[str]
     finish_reasons: list[str]
     logprobs: list[Any] | None = None
-
-
-def _int(name: str, value: Any, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be between {low} and {high}, got {value}")
-    return value
-
-
-def _float(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, not {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
-
-
-def _temperature(v):
-    v = _float("temperature", v)
-    if v < 0:
-        raise ValueError(f"temperature must be >= 0, got {v}")
-    return v
-
-
-def _top_p(v):
-    v = _float("top_p", v)
-    if not 0 < v <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {v}")
-    return v
-
-
-def _penalty(name):
-    def check(v):
-        v = _float(name, v)
-        if not -2 <= v <= 2:
-            raise ValueError(f"{name} must be in [-2, 2], got {v}")
-        return v
-    return check
-
-
-def _stop(v):
-    if v is None:
-        return None
-    if isinstance(v, str):
-        v = [v]
-    if not isinstance(v, (list, tuple)) or not all(isinstance(s, str) and s for s in v):
-        raise TypeError("stop must be a non-empty string or a list of non-empty strings")
-    return list(v)
-
-
-def _seed(v):
-    return None if v is None else _int("seed", v, -(2**63), 2**63 - 1)
-
-
-def _logprobs(v):
-    return None if v is None else _int("logprobs", v, 0, 20)
-
-
-def _bool(name):
-    def check(v):
-        if not isinstance(v, bool):
-            raise TypeError(f"{name} must be a bool, not {type(v).__name__}")
-        return v
-    return check
-
-
-def _response_format(v):
-    if v is None:
-        return None
-    if not isinstance(v, dict) or v.get("type") not in ("text", "json_object", "json_schema"):
-        raise ValueError("response_format must be a dict with type 'text', 'json_object' or 'json_schema'")
-    if v["type"] == "json_schema" and not isinstance(v.get("json_schema"), dict):
-        raise ValueError("response_format of type 'json_schema' needs a 'json_schema' dict")
-    return v
-
-
-def _dict(name):
-    def check(v):
-        if v is not None and not isinstance(v, dict):
-            raise TypeError(f"{name} must be a dict, not {type(v).__name__}")
-        return v
-    return check
-
-
-# The sampling keywords (vLLM SamplingParams names) and how each is checked.
-SAMPLING = {
-    "max_tokens": lambda v: _int("max_tokens", v, 1, MAX_TOKENS_LIMIT),
-    "temperature": _temperature,
-    "top_p": _top_p,
-    "top_k": lambda v: _int("top_k", v, -1, 1 << 30),
-    "n": lambda v: _int("n", v, 1, MAX_N),
-    "stop": _stop,
-    "seed": _seed,
-    "presence_penalty": _penalty("presence_penalty"),
-    "frequency_penalty": _penalty("frequency_penalty"),
-    "logprobs": _logprobs,
-    "ignore_eos": _bool("ignore_eos"),
-    "response_format": _response_format,
-    "chat_template_kwargs": _dict("chat_template_kwargs"),
-}
-
-
-def check_sampling(params: dict[str, Any]) -> dict[str, Any]:
-    """Validated copy of ``params``; TypeError for an unknown keyword (as Python does for calls)."""
-    out = {}
-    for key, value in params.items():
-        check = SAMPLING.get(key)
-        if check is None:
-            raise TypeError(f"unknown sampling keyword {key!r}; known: {', '.join(sorted(SAMPLING))}")
-        value = check(value)
-        if value is not None:
-            out[key] = value
-    return out
 
 
 def _check_messages(messages: Any) -> list[dict[str, Any]]:
@@ -209,12 +90,3 @@ def estimate_cost(req: EngineRequest) -> int:
     else:
         prompt = len(req.prompt_token_ids)
     return 1 + prompt + req.params.get("max_tokens", 16) * req.params.get("n", 1)
-
-
-def prefix_key(req: EngineRequest, chars: int = 256) -> int | None:
-    """A hash of the start of the prompt, for prefix-cache affinity."""
-    if req.prompt is not None:
-        return hash(req.prompt[:chars])
-    if req.messages is not None:
-        return hash(req.messages[0]["content"][:chars])
-    return hash(tuple(req.prompt_token_ids[:chars // 4]))

@@ -12,8 +12,8 @@ import pytest
 import zmq
 
 import mpdp
-from mpdp import protocol
-from mpdp.transport import CurveKeys, Transport, connect_dealer
+from mpdp.wire import protocol
+from mpdp.wire.transport import CurveKeys, Transport, connect_dealer
 from conftest import wait_until
 
 pytestmark = pytest.mark.usefixtures("no_child_left")
@@ -128,13 +128,13 @@ def no_answer(sock, wait: float = 0.3) -> bool:
 
 
 BAD_FRAMES = [
-    ("version 99", [bytes((99, protocol.RESULTS)), protocol._pack([])]),
+    ("version 99", [bytes((99, protocol.Tag.RESULTS)), protocol._pack([])]),
     ("unknown tag", [bytes((protocol.VERSION, 77)), protocol._pack({})]),
-    ("one frame", [bytes((protocol.VERSION, protocol.HEARTBEAT))]),
-    ("three frames", [bytes((protocol.VERSION, protocol.HEARTBEAT)), b"", b""]),
-    ("not msgpack", [bytes((protocol.VERSION, protocol.RESULTS)), b"\xc1\xc1\xc1"]),
-    ("oversized", [bytes((protocol.VERSION, protocol.RESULTS)), b"\x00" * (protocol.MAX_FRAME_BYTES + 1)]),
-    ("a valid READY", protocol.encode(protocol.READY, {"index": 0, "capacity": 10, "pid": 1})),
+    ("one frame", [bytes((protocol.VERSION, protocol.Tag.HEARTBEAT))]),
+    ("three frames", [bytes((protocol.VERSION, protocol.Tag.HEARTBEAT)), b"", b""]),
+    ("not msgpack", [bytes((protocol.VERSION, protocol.Tag.RESULTS)), b"\xc1\xc1\xc1"]),
+    ("oversized", [bytes((protocol.VERSION, protocol.Tag.RESULTS)), b"\x00" * (protocol.MAX_FRAME_BYTES + 1)]),
+    ("a valid READY", protocol.encode(protocol.Tag.READY, {"index": 0, "capacity": 10, "pid": 1})),
 ]
 
 
@@ -153,7 +153,7 @@ def test_frames_from_an_unknown_identity_are_dropped_and_counted(pool, dealer, f
 @pytest.mark.timeout(30)
 def test_a_frame_beyond_the_socket_limit_only_disconnects_its_sender(pool, dealer):
     sock = dealer(b"flooder")
-    sock.send_multipart([bytes((protocol.VERSION, protocol.RESULTS)),
+    sock.send_multipart([bytes((protocol.VERSION, protocol.Tag.RESULTS)),
                          b"\x00" * (protocol.MAX_FRAME_BYTES + 8192)])   # over ZMQ_MAXMSGSIZE
     assert no_answer(sock, 0.5)
     assert serves(pool)
@@ -164,8 +164,8 @@ def test_a_live_workers_identity_cannot_be_taken_over(pool, dealer):
     # ZeroMQ refuses a second peer with an identity in use: the impostor's frames never arrive.
     worker = pool.stats()["workers"][0]
     impostor = dealer(pool._dispatcher.slots[0].identity)
-    impostor.send_multipart([bytes((99, protocol.RESULTS)), protocol._pack([])])
-    impostor.send_multipart(protocol.encode(protocol.RESULTS, [[10**9, ["forged"], ["stop"], 1, 1,
+    impostor.send_multipart([bytes((99, protocol.Tag.RESULTS)), protocol._pack([])])
+    impostor.send_multipart(protocol.encode(protocol.Tag.RESULTS, [[10**9, ["forged"], ["stop"], 1, 1,
                                                                None, None, None]]))
     assert no_answer(impostor, 0.5)
     futures = [pool.submit(f"p{i}") for i in range(50)]
@@ -190,7 +190,7 @@ def test_late_results_from_a_dead_incarnation_are_dropped(no_child_left):
         try:
             ghost = connect_dealer(ctx, pool._dispatcher.transport.endpoint, old, None)
             before = dropped(pool)
-            ghost.send_multipart(protocol.encode(protocol.RESULTS, [[held.request_id, ["forged"], ["stop"],
+            ghost.send_multipart(protocol.encode(protocol.Tag.RESULTS, [[held.request_id, ["forged"], ["stop"],
                                                                      1, 1, None, None, None]]))
             wait_until(lambda: dropped(pool) == before + 1, 5, what="the ghost's frame to be dropped")
             assert not held.done()
@@ -206,7 +206,7 @@ def test_no_pickle_can_travel():
 
     import pickle
     with pytest.raises(mpdp.ProtocolError):
-        protocol.decode([bytes((protocol.VERSION, protocol.RESULTS)), pickle.dumps(Evil())])
+        protocol.decode([bytes((protocol.VERSION, protocol.Tag.RESULTS)), pickle.dumps(Evil())])
     with pytest.raises(TypeError, match="not serialisable"):
         protocol.check_encodable(Evil(), "the request")
 
@@ -221,11 +221,14 @@ def test_ipc_endpoint_lives_in_a_private_folder(pool):
     assert os.stat(transport.folder).st_uid == os.getuid()
 
 
-def test_tcp_binds_to_loopback_unless_curve_keys_are_given():
+def test_tcp_binds_to_loopback_and_is_always_curve_authenticated():
     assert Transport("tcp").host == "127.0.0.1"
-    with pytest.raises(ValueError, match="needs CurveZMQ keys"):
-        Transport("tcp", host="0.0.0.0")
-    Transport("tcp", host="0.0.0.0", curve=CurveKeys.generate())     # allowed with keys
+    assert Transport("tcp").curve is not None                          # keys made per pool
+    keys = CurveKeys.generate()
+    assert Transport("tcp", host="0.0.0.0", curve=keys).curve is keys   # or given
+    assert Transport("ipc").curve is None
+    with pytest.raises(ValueError, match="IPv4"):
+        Transport("tcp", host="::1")
     with pytest.raises(ValueError, match="'ipc' or 'tcp'"):
         Transport("udp")
 
@@ -251,12 +254,12 @@ def test_curve_pool_serves_its_workers_and_nobody_else(no_child_left):
             for sock in (wrong_key, plain):    # refused in the handshake: nothing gets through
                 sock.setsockopt(zmq.SNDTIMEO, 500)
                 try:                           # a DEALER with no accepted peer blocks on send
-                    sock.send_multipart(protocol.encode(protocol.SUBMIT, [[1, "hi", None, None, {}]]))
+                    sock.send_multipart(protocol.encode(protocol.Tag.SUBMIT, [[1, "hi", None, None, {}]]))
                 except zmq.Again:
                     pass
                 assert no_answer(sock, 0.5)
             assert dropped(pool) == before
-            right_key.send_multipart(protocol.encode(protocol.HEARTBEAT, {}))
+            right_key.send_multipart(protocol.encode(protocol.Tag.HEARTBEAT, {}))
             wait_until(lambda: dropped(pool) == before + 1, 5, what="the unknown identity's frame")
             assert no_answer(right_key)
             assert pool.submit("still serving").result(timeout=10).text == "still serving"

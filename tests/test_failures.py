@@ -52,7 +52,10 @@ def count_resolutions(futures) -> Counter:
     return calls
 
 
-# (fault, the error the caller sees, text it must contain, the worker's exit code, restarts it costs)
+# (fault, the error the caller sees, text it must contain, the worker's exit code, fewest restarts it
+# costs). A crash first retries everything in parallel, then splits the suspects in halves: a poison
+# among 200 neighbours costs at least 2 crashes and at most 2 + log2(200) + 1.
+MAX_BISECTION_RESTARTS = 10
 FAILURES = [
     ("kill", mpdp.WorkerCrashed, "signal SIGKILL", -signal.SIGKILL, 2),
     ("segv", mpdp.WorkerCrashed, "signal SIGSEGV", -signal.SIGSEGV, 2),
@@ -84,13 +87,18 @@ def test_a_poison_request_fails_alone_and_the_pool_recovers(make_pool, fault, er
     wait_until(lambda: full_size(pool), 15, what="every worker READY again")
     stats = pool.stats()
     assert stats["submitted"] == stats["completed"] == 201 and stats["pending"] == 0
+    # Done-callbacks run on their own thread: wait for all of them, then none may have run twice.
+    wait_until(lambda: sum(calls.values()) >= 201, 10, what="every done-callback")
     assert sorted(calls.values()) == [1] * 201
     # Each innocent result was accepted once: no request ran to completion twice.
     assert sum(w["requests"] for w in stats["workers"]) == 200 + (fault == "reject")
-    assert total_restarts(pool) == restarts
+    if restarts:
+        assert restarts <= total_restarts(pool) <= MAX_BISECTION_RESTARTS
+    else:
+        assert total_restarts(pool) == 0
     if error is mpdp.WorkerCrashed:
         crash = info.value
-        assert crash.attempts == 2 and crash.exitcode == exitcode
+        assert 2 <= crash.attempts <= MAX_BISECTION_RESTARTS and crash.exitcode == exitcode
         assert f"on 2 workers that died" in str(crash)
     if fault == "raise":             # the remote traceback and the worker's last output travel along
         assert "RuntimeError: the echo engine failed on purpose (raise)" in str(info.value)
@@ -101,11 +109,13 @@ def test_a_poison_request_fails_alone_and_the_pool_recovers(make_pool, fault, er
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("max_crashes", [1, 3])
 def test_max_crashes_is_how_many_workers_a_request_may_take_down(make_pool, max_crashes):
+    # A poison fails once it has crashed max_crashes workers and the last time it was isolated
+    # (alone among suspects): with neighbours on its early crashes it may take a few more.
     pool = make_pool(engine_options={"faults": True, "delay_s": 0.05}, max_crashes=max_crashes)
     innocent = [pool.submit(f"r{i}") for i in range(50)]
     with pytest.raises(mpdp.WorkerCrashed, match="SIGKILL") as info:
         pool.submit("!fault:kill").result(timeout=30)
-    assert info.value.attempts == max_crashes
+    assert max_crashes <= info.value.attempts <= max_crashes + MAX_BISECTION_RESTARTS
     if max_crashes == 1:
         # No retry at all: what shared the worker with the poison fails with it (as in loky).
         outcomes = [f.exception(timeout=30) for f in innocent]
@@ -113,7 +123,7 @@ def test_max_crashes_is_how_many_workers_a_request_may_take_down(make_pool, max_
     else:
         assert [f.result(timeout=30).text for f in innocent] == [f"r{i}" for i in range(50)]
     wait_until(lambda: full_size(pool), 15, what="every worker READY again")
-    assert total_restarts(pool) == max_crashes
+    assert total_restarts(pool) == info.value.attempts
 
 
 @pytest.mark.timeout(30)

@@ -3,27 +3,27 @@
 import msgpack
 import pytest
 
-from mpdp import protocol
+from mpdp.wire import protocol
 from mpdp.engines.base import EngineRequest, EngineResult
 from mpdp.errors import ProtocolError
 
 
 def test_request_round_trip():
     req = EngineRequest(7, None, [{"role": "user", "content": "hé"}], None, {"max_tokens": 5, "stop": ["\n"]})
-    tag, body = protocol.decode(protocol.encode(protocol.SUBMIT, [protocol.request_to_wire(req)]))
-    assert tag == protocol.SUBMIT
+    tag, body = protocol.decode(protocol.encode(protocol.Tag.SUBMIT, [protocol.request_to_wire(req)]))
+    assert tag == protocol.Tag.SUBMIT
     assert protocol.request_from_wire(body[0]) == req
 
 
 def test_result_round_trip():
     res = EngineResult(3, ["a", "b"], ["stop", "length"], 4, 9, [[-0.1], [-0.2]])
-    tag, body = protocol.decode(protocol.encode(protocol.RESULTS, [protocol.result_to_wire(res)]))
+    tag, body = protocol.decode(protocol.encode(protocol.Tag.RESULTS, [protocol.result_to_wire(res)]))
     assert protocol.result_from_wire(body[0]) == res
 
 
 def test_other_version_is_refused():
-    frames = protocol.encode(protocol.READY, {})
-    frames[0] = bytes((protocol.VERSION + 1, protocol.READY))
+    frames = protocol.encode(protocol.Tag.READY, {})
+    frames[0] = bytes((protocol.VERSION + 1, protocol.Tag.READY))
     with pytest.raises(ProtocolError, match="version"):
         protocol.decode(frames)
 
@@ -32,7 +32,7 @@ def test_other_version_is_refused():
     ([b"\x01"], "expected 2 frames"),
     ([b"\x01\x02\x03", b""], "bad header"),
     ([bytes((protocol.VERSION, 99)), msgpack.packb(1)], "unknown message tag"),
-    ([bytes((protocol.VERSION, protocol.RESULTS)), b"\xc1"], "undecodable"),
+    ([bytes((protocol.VERSION, protocol.Tag.RESULTS)), b"\xc1"], "undecodable"),
 ])
 def test_malformed_frames(frames, message):
     with pytest.raises(ProtocolError, match=message):
@@ -42,7 +42,7 @@ def test_malformed_frames(frames, message):
 def test_oversized_frame_is_refused(monkeypatch):
     monkeypatch.setattr(protocol, "MAX_FRAME_BYTES", 100)
     with pytest.raises(ProtocolError, match="exceeds"):
-        protocol.decode(protocol.encode(protocol.RESULTS, ["x" * 200]))
+        protocol.decode(protocol.encode(protocol.Tag.RESULTS, ["x" * 200]))
 
 
 def test_no_pickle_on_the_wire():

@@ -2,7 +2,7 @@
 
 import pytest
 
-from mpdp.scheduler import LeastLoaded, PrefixAffinity, Scheduler, Ticket
+from mpdp.routing import LeastLoaded, PrefixAffinity, Scheduler, Ticket
 
 
 def make(capacities, **kw):
@@ -88,18 +88,18 @@ def test_capacity_must_be_positive():
 def test_prefix_affinity_prefers_the_worker_that_saw_the_prefix_within_slack():
     policy = PrefixAffinity(slack=500)
     s = make([100, 100], policy=policy)
-    s.enqueue(Ticket(0, cost=100, prefix=7))
+    s.enqueue(Ticket(0, cost=100, route=7))
     first = s.schedule()
     owner = next(iter(first))
-    s.enqueue(Ticket(1, cost=100, prefix=7))
+    s.enqueue(Ticket(1, cost=100, route=7))
     assert list(s.schedule()) == [owner]           # busier by 100 < slack: stays with its cache
-    s.enqueue(Ticket(2, cost=1000, prefix=7))
-    s.enqueue(Ticket(3, cost=100, prefix=7))
+    s.enqueue(Ticket(2, cost=1000, route=7))
+    s.enqueue(Ticket(3, cost=100, route=7))
     s.schedule()
     assert s.where(3) != owner or s.workers[owner].outstanding <= s.workers[1 - owner].outstanding + 500
 
 
 def test_least_loaded_policy_alone():
-    from mpdp.scheduler import WorkerLoad
+    from mpdp.routing import WorkerLoad
     a, b = WorkerLoad(0, 10, outstanding=50), WorkerLoad(1, 10, outstanding=10)
     assert LeastLoaded().choose(Ticket(0), [a, b]) is b

@@ -11,7 +11,6 @@ ENGINES = {
     "hf": "mpdp.engines.hf:HFEngine",
     "vllm": "mpdp.engines.vllm:VLLMEngine",
 }
-GPU_ENGINES = frozenset({"vllm"})
 
 
 def engine_class(name: str) -> type[Engine]:

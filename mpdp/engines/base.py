@@ -6,7 +6,7 @@ A worker owns exactly one engine and runs this loop (see ``mpdp/worker.py``)::
         for req in new requests from the dispatcher:
             engine.add(req)          # ValueError/TypeError -> that request fails alone
         if engine.has_unfinished():
-            for result in engine.step():   # only the requests that finished in this step
+            for result in engine.step():   # finished requests, and partial ones that stream
                 send result back at once
 
 ``step()`` must be short (one decoding step, or a few milliseconds of work): the worker
@@ -29,6 +29,7 @@ class EngineRequest:
     (max_tokens, temperature, top_p, top_k, n, stop, seed, presence_penalty,
     frequency_penalty, logprobs, ignore_eos) plus ``response_format`` and
     ``chat_template_kwargs`` where given. Absent keys mean "engine default".
+    ``stream``: the caller wants the text as it is decoded (partial results, see EngineResult).
     """
 
     id: int
@@ -36,14 +37,20 @@ class EngineRequest:
     messages: list[dict[str, Any]] | None = None
     prompt_token_ids: list[int] | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    stream: bool = False
 
 
 @dataclass(slots=True)
 class EngineResult:
-    """The finished request. ``error_type``/``error`` set means it failed (alone).
+    """A request's outcome. ``error_type``/``error`` set means it failed (alone).
 
-    ``error_type`` is a name the pool maps back to an exception class:
-    "ValueError", "TypeError", "ContextWindowExceeded" or "EngineError".
+    ``error_type`` is a name from ``mpdp.errors.ERROR_NAMES`` ("ValueError", "TypeError",
+    "ContextWindowExceeded", "EngineError"); ``traceback`` the remote one, kept as the cause.
+
+    ``finished=False`` marks a partial result of a streamed request: ``texts`` then holds only
+    the text decoded since the last partial (per choice, "" where a choice has nothing new),
+    and the counts so far. The final result (``finished=True``) always carries the whole texts,
+    so a consumer that missed a partial still ends with the truth.
     """
 
     id: int
@@ -54,13 +61,24 @@ class EngineResult:
     logprobs: list[Any] | None = None                         # per choice, when asked
     error_type: str | None = None
     error: str | None = None
+    finished: bool = True
+    traceback: str | None = None
 
     @classmethod
     def failure(cls, request_id: int, exc: BaseException) -> "EngineResult":
-        kind = exc.error_type if isinstance(exc, ContextWindowExceeded) else type(exc).__name__
-        if kind not in ("ValueError", "TypeError", "ContextWindowExceeded"):
+        """A failed request. The message is the exception's own text: the pool raises it as the
+        exception class its name maps to, so the class name is not repeated inside it."""
+        import traceback as tb
+
+        if isinstance(exc, ContextWindowExceeded):
+            kind = exc.error_type
+        elif isinstance(exc, (ValueError, TypeError)):
+            kind = "TypeError" if isinstance(exc, TypeError) else "ValueError"
+        else:
             kind = "EngineError"
-        return cls(id=request_id, error_type=kind, error=f"{type(exc).__name__}: {exc}")
+        message = str(exc) if kind != "EngineError" else f"{type(exc).__name__}: {exc}"
+        trace = "".join(tb.format_exception(exc)) if exc.__traceback__ is not None else None
+        return cls(id=request_id, error_type=kind, error=message, traceback=trace)
 
 
 class ContextWindowExceeded(ValueError):
@@ -79,12 +97,23 @@ class WorkerPlacement:
 
 
 class Engine(abc.ABC):
-    """One model instance inside one worker process."""
+    """One model instance inside one worker process.
+
+    The class attributes are the engine's facts, read by the pool in the parent process
+    (without building an engine): where it runs, how long it may take, what it accepts.
+    """
 
     name: ClassVar[str]
     # True: the model argument names weights, resolved once in the parent to a local folder
     # (mpdp.models.resolve_model: the embedded default is converted there, never in N workers).
     loads_weights: ClassVar[bool] = False
+    uses_gpu: ClassVar[bool] = False            # workers are placed on GPUs (num_gpus, gpus=)
+    ready_timeout: ClassVar[float] = 60.0       # default seconds to become READY
+    heartbeat_timeout: ClassVar[float] = 10.0   # default silence after which a worker is hung
+    # The sampling keywords it honours; any other is refused at submit, naming the engine.
+    sampling_fields: ClassVar[frozenset[str]] = frozenset({
+        "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "presence_penalty",
+        "frequency_penalty", "logprobs", "ignore_eos", "response_format", "chat_template_kwargs"})
 
     def __init__(self, model: str, options: dict[str, Any], placement: WorkerPlacement):
         self.model = model

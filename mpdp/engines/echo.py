@@ -13,6 +13,10 @@ one character counts as one token. Options:
   ``reject`` (``add`` raises ValueError: a bad request, not a crash). The prompt ``"!held"``
   answers at once with the ids of the other requests the engine holds (``"3 7"``), so a test
   can see that a cancelled or timed-out request was really aborted inside the engine.
+
+A streamed request (``EngineRequest.stream``) comes back in pieces of ``stream_piece``
+characters (default 4), one piece per step, before its final result: the same path a real
+engine's per-step deltas take.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ class EchoEngine(Engine):
 
     def __init__(self, model: str, options: dict, placement: WorkerPlacement):
         super().__init__(model, options, placement)
-        unknown = set(options) - {"delay_s", "capacity", "faults", "max_model_len"}
+        unknown = set(options) - {"delay_s", "capacity", "faults", "max_model_len", "stream_piece"}
         if unknown:
             raise ValueError(f"unknown echo engine options: {sorted(unknown)}")
         self.delay_s = float(options.get("delay_s", 0.0))
@@ -45,6 +49,8 @@ class EchoEngine(Engine):
         self._held: dict[int, EngineRequest] = {}
         self._pending_fault: str | None = None
         self._probes: set[int] = set()
+        self.stream_piece = int(options.get("stream_piece", 4))
+        self._streams: dict[int, int] = {}               # streamed request id -> characters sent
 
     @property
     def capacity(self) -> int:
@@ -72,6 +78,8 @@ class EchoEngine(Engine):
             self._probes.add(request.id)
             due = 0.0
         self._held[request.id] = request
+        if request.stream and request.id not in self._probes:
+            self._streams[request.id] = 0
         heapq.heappush(self._due, (due, request.id))
 
     def step(self) -> list[EngineResult]:
@@ -82,7 +90,7 @@ class EchoEngine(Engine):
             # Sleep a little, not until the deadline: the worker must keep answering the dispatcher.
             time.sleep(min(self._due[0][0] - now, 0.002))
             now = time.monotonic()
-        out = []
+        out = self._stream_pieces()
         while self._due and self._due[0][0] <= now:
             _, rid = heapq.heappop(self._due)
             req = self._held.pop(rid, None)
@@ -92,12 +100,25 @@ class EchoEngine(Engine):
                     held = " ".join(map(str, sorted(self._held)))
                     out.append(EngineResult(id=rid, texts=[held], finish_reasons=["stop"]))
             elif req is not None:                       # None: aborted meanwhile
+                self._streams.pop(rid, None)
                 out.append(_echo(req))
+        return out
+
+    def _stream_pieces(self) -> list[EngineResult]:
+        out = []
+        for rid, sent in self._streams.items():
+            full = _echo(self._held[rid])
+            piece = [t[sent:sent + self.stream_piece] for t in full.texts]
+            if any(piece):
+                self._streams[rid] = sent + self.stream_piece
+                out.append(EngineResult(id=rid, texts=piece, finish_reasons=[""] * len(piece),
+                                        prompt_tokens=full.prompt_tokens, finished=False))
         return out
 
     def abort(self, request_ids: list[int]) -> None:
         for rid in request_ids:
             self._held.pop(rid, None)
+            self._streams.pop(rid, None)
             self._probes.discard(rid)
 
     def has_unfinished(self) -> bool:

@@ -69,6 +69,7 @@ class HFEngine(Engine):
     name = "hf"
 
     loads_weights = True
+    ready_timeout = 300.0            # the first start converts the embedded GGUF file
 
     def __init__(self, model: str, options: dict[str, Any], placement: WorkerPlacement):
         super().__init__(model, options, placement)

@@ -46,6 +46,9 @@ class VLLMEngine(Engine):
     name = "vllm"
 
     loads_weights = True
+    uses_gpu = True
+    ready_timeout = 900.0            # weights, torch.compile and CUDA graphs
+    heartbeat_timeout = 60.0         # a step can wait on a long prefill or a compile
 
     def __init__(self, model: str, options: dict[str, Any], placement: WorkerPlacement):
         super().__init__(model, options, placement)
@@ -75,6 +78,7 @@ class VLLMEngine(Engine):
         # and the OpenAI server apply them when a request leaves a field out.
         self._defaults = dict(config.model_config.get_diff_sampling_param())
         self._live: dict[str, int] = {}   # vLLM request id (str) -> mpdp request id, until returned
+        self._streams: dict[str, "_Accumulated"] = {}   # the streamed ones among them
         print(f"mpdp vllm worker {placement.index}: gpus {placement.gpus or 'inherited'}, "
               f"max_model_len {self._max_model_len}, max_num_seqs {self.max_num_seqs}, "
               f"kv cache {self.kv_cache_tokens} tokens, capacity {self._capacity}", flush=True)
@@ -94,7 +98,7 @@ class VLLMEngine(Engine):
             raise ValueError(f"request {request.id} is already in flight on this worker")
         params = request.params or {}
         try:
-            sampling = self._sampling_params(params)
+            sampling = self._sampling_params(params, stream=request.stream)
             token_ids = self._prompt_token_ids(request, params.get("chat_template_kwargs"))
         except ValueError as exc:              # vLLM's own errors subclass ValueError: keep the name simple
             raise ValueError(str(exc)) from exc
@@ -115,6 +119,8 @@ class VLLMEngine(Engine):
         except TypeError as exc:
             raise TypeError(f"vLLM rejected the request: {exc}") from exc
         self._live[rid] = request.id
+        if request.stream:
+            self._streams[rid] = _Accumulated(len(token_ids))
 
     def step(self) -> list[EngineResult]:
         if not self._live:
@@ -122,11 +128,18 @@ class VLLMEngine(Engine):
         results: list[EngineResult] = []
         if self._engine.has_unfinished_requests():
             for out in self._engine.step():
+                acc = self._streams.get(out.request_id)
+                if acc is not None:            # DELTA outputs: new text since the last step
+                    acc.add(out)
+                    if not out.finished:
+                        results.append(acc.partial(self._live[out.request_id], out))
+                        continue
+                    del self._streams[out.request_id]
                 if not out.finished:           # FINAL_ONLY: only finished ones come, but be sure
                     continue
                 request_id = self._live.pop(out.request_id, None)
                 if request_id is not None:     # None: aborted meanwhile
-                    results.append(_result(request_id, out))
+                    results.append(acc.final(request_id, out) if acc is not None else _result(request_id, out))
         if self._live and not self._engine.has_unfinished_requests():
             # vLLM holds nothing more, yet some of ours never came back: fail them instead of hanging.
             for request_id in self._live.values():
@@ -137,6 +150,8 @@ class VLLMEngine(Engine):
 
     def abort(self, request_ids: list[int]) -> None:
         ids = [rid for rid in map(str, request_ids) if self._live.pop(rid, None) is not None]
+        for rid in ids:
+            self._streams.pop(rid, None)
         if ids:
             self._engine.abort_request(ids)
 
@@ -164,7 +179,7 @@ class VLLMEngine(Engine):
                 cleanup_dist_env_and_memory()
 
     # -- requests -> vLLM ------------------------------------------------------------------------
-    def _sampling_params(self, params: dict[str, Any]):
+    def _sampling_params(self, params: dict[str, Any], stream: bool = False):
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
         fields = dict(self._defaults)
@@ -180,8 +195,10 @@ class VLLMEngine(Engine):
             fields["logprobs"] = 0
         elif fields.get("logprobs") is False:
             fields["logprobs"] = None
-        return SamplingParams(**fields, structured_outputs=structured,
-                              output_kind=RequestOutputKind.FINAL_ONLY)
+        # Streamed requests come back step by step (DELTA); the rest only once, finished, which
+        # keeps the non-streamed path exactly as cheap as before.
+        kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
+        return SamplingParams(**fields, structured_outputs=structured, output_kind=kind)
 
     def _prompt_token_ids(self, request: EngineRequest, chat_template_kwargs: dict | None) -> list[int]:
         if request.prompt_token_ids is not None:
@@ -287,6 +304,43 @@ def _result(request_id: int, out) -> EngineResult:
         completion_tokens=sum(len(c.token_ids) for c in choices),
         logprobs=logprobs,
     )
+
+
+class _Accumulated:
+    """A streamed request's text so far, per choice: DELTA outputs carry only what is new."""
+
+    def __init__(self, prompt_tokens: int):
+        self.prompt_tokens = prompt_tokens
+        self.texts: dict[int, list[str]] = {}
+        self.tokens: dict[int, int] = {}
+        self.reasons: dict[int, str] = {}
+        self.logprobs: dict[int, list] = {}
+
+    def add(self, out) -> None:
+        for c in out.outputs:
+            self.texts.setdefault(c.index, []).append(c.text)
+            self.tokens[c.index] = self.tokens.get(c.index, 0) + len(c.token_ids)
+            if c.finish_reason is not None:
+                self.reasons[c.index] = c.finish_reason
+            if c.logprobs is not None:
+                self.logprobs.setdefault(c.index, []).extend(_chosen_logprobs(c))
+
+    def partial(self, request_id: int, out) -> EngineResult:
+        n = max(self.texts) + 1 if self.texts else 1
+        new = {c.index: c.text for c in out.outputs}
+        return EngineResult(id=request_id, texts=[new.get(i, "") for i in range(n)],
+                            finish_reasons=[""] * n, prompt_tokens=self.prompt_tokens,
+                            completion_tokens=sum(self.tokens.values()), finished=False)
+
+    def final(self, request_id: int, out) -> EngineResult:
+        if "error" in self.reasons.values():
+            return EngineResult.failure(request_id, RuntimeError("vLLM failed this request (finish_reason 'error')"))
+        order = sorted(self.texts)
+        return EngineResult(
+            id=request_id, texts=["".join(self.texts[i]) for i in order],
+            finish_reasons=[_FINISH.get(self.reasons.get(i), "stop") for i in order],
+            prompt_tokens=self.prompt_tokens, completion_tokens=sum(self.tokens.values()),
+            logprobs=[self.logprobs.get(i, []) for i in order] if self.logprobs else None)
 
 
 def _chosen_logprobs(choice) -> list[float | None]:

@@ -1,8 +1,10 @@
 """The one place where mpdp makes ZeroMQ sockets: endpoints, bind/connect, identity, limits, security.
 
 Default transport is ``ipc://`` inside a private folder created 0700 by ``tempfile.mkdtemp``,
-so only this user can connect. ``tcp://`` (for workers on other machines) binds to loopback
-unless CurveZMQ keys are given; then workers must present a client key the pool knows.
+so only this user can connect. ``tcp://`` (for workers on other machines) is always
+authenticated and encrypted with CurveZMQ: keys are generated per pool when none are given,
+the workers receive them in their spec, and the ROUTER admits only the pool's client key. A
+loopback port is reachable by every local user, so even on 127.0.0.1 TCP never runs without it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from mpdp import protocol
+from mpdp.wire import protocol
 
 
 @dataclass(slots=True)
@@ -47,9 +49,13 @@ class Transport:
     def __post_init__(self):
         if self.kind not in ("ipc", "tcp"):
             raise ValueError(f"transport must be 'ipc' or 'tcp', not {self.kind!r}")
-        if self.kind == "tcp" and self.curve is None and self.host not in ("127.0.0.1", "localhost", "::1"):
-            raise ValueError("a tcp transport on a non-loopback address needs CurveZMQ keys "
-                             "(transport=Transport('tcp', host=..., curve=CurveKeys.generate()))")
+        if self.kind == "tcp":
+            if not isinstance(self.host, str) or not self.host or ":" in self.host:
+                raise ValueError(f"transport host must be an IPv4 address or host name, not {self.host!r}")
+            if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port < 65536:
+                raise ValueError(f"transport port must be an int in 0..65535, not {self.port!r}")
+            if self.curve is None:
+                self.curve = CurveKeys.generate()
 
     def bind_router(self, ctx: zmq.Context) -> zmq.Socket:
         sock = ctx.socket(zmq.ROUTER)
@@ -59,16 +65,21 @@ class Transport:
             sock.curve_server = True
             sock.curve_secretkey = self.curve.server_secret
             sock.curve_publickey = self.curve.server_public
-        if self.kind == "ipc":
-            self.folder = self.folder or tempfile.mkdtemp(prefix="mpdp-")   # mode 0700
-            self.endpoint = f"ipc://{os.path.join(self.folder, 'router')}"
-            sock.bind(self.endpoint)
-        else:
-            if self.port:
-                sock.bind(f"tcp://{self.host}:{self.port}")
+        try:
+            if self.kind == "ipc":
+                self.folder = self.folder or tempfile.mkdtemp(prefix="mpdp-")   # mode 0700
+                self.endpoint = f"ipc://{os.path.join(self.folder, 'router')}"
+                sock.bind(self.endpoint)
             else:
-                self.port = sock.bind_to_random_port(f"tcp://{self.host}")
-            self.endpoint = f"tcp://{self.host}:{self.port}"
+                if self.port:
+                    sock.bind(f"tcp://{self.host}:{self.port}")
+                else:
+                    self.port = sock.bind_to_random_port(f"tcp://{self.host}")
+                self.endpoint = f"tcp://{self.host}:{self.port}"
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            self.cleanup()
+            raise OSError(f"cannot bind the pool's {self.kind} endpoint: {exc}") from exc
         return sock
 
     def cleanup(self) -> None:

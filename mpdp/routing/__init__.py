@@ -1,0 +1,10 @@
+"""Routing: the pure scheduler (credits, micro-batches, crash retries) and the policies it asks."""
+
+from mpdp.routing.policies import LeastLoaded, PrefixAffinity, RoutingPolicy
+from mpdp.routing.scheduler import Scheduler
+from mpdp.routing.tickets import Ticket, WorkerLoad
+
+# Policies by the name Pool(routing=...) takes. A module that adds a policy registers it here.
+POLICIES: dict[str, type[RoutingPolicy]] = {"least_loaded": LeastLoaded, "prefix_affinity": PrefixAffinity}
+
+__all__ = ["POLICIES", "RoutingPolicy", "LeastLoaded", "PrefixAffinity", "Scheduler", "Ticket", "WorkerLoad"]

@@ -1,0 +1,196 @@
+"""The wire protocol between the dispatcher (ROUTER) and the workers (DEALER).
+
+Every frame is two parts: a 2-byte header ``[version, tag]`` and one msgpack body.
+Nothing else in mpdp builds or parses frames, and nothing here is pickled: msgpack
+carries only plain data, so a hostile peer can at worst send garbage, never code, and
+every record is checked on the way in (a malformed one is a ProtocolError, never a crash).
+
+    worker -> dispatcher                      dispatcher -> worker
+    READY      Ready {index, pid, capacity..} SUBMIT    [request, ...]   (a micro-batch)
+    HEARTBEAT  {steps}                        ABORT     [request_id, ...]
+    RESULTS    [result, ...]                  PING      {}   (the dispatcher is alive)
+    DEAD       {error}   (sent before exiting SHUTDOWN  {}
+               on an engine failure)
+
+Requests and results travel as msgpack arrays in a fixed field order (positional, like
+vLLM's array-like structs: smaller and faster than maps). A list of records larger than
+``MAX_FRAME_BYTES`` is split over several frames (``encode_batches``); one record that does
+not fit alone cannot travel, and the sender fails that request alone.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from mpdp.engines.base import EngineRequest, EngineResult
+from mpdp.errors import ProtocolError
+
+VERSION = 2
+
+
+class Tag(enum.IntEnum):
+    READY = 1
+    HEARTBEAT = 2
+    RESULTS = 3
+    DEAD = 4
+    SUBMIT = 10
+    ABORT = 11
+    SHUTDOWN = 12
+    PING = 13
+
+
+# A frame larger than this is refused on receipt (and by ZMQ_MAXMSGSIZE on the sockets).
+MAX_FRAME_BYTES = 64 * 2**20
+
+_HEADERS = {tag: bytes((VERSION, tag)) for tag in Tag}
+_TAGS = {int(t): t for t in Tag}
+
+
+@dataclass(slots=True, frozen=True)
+class Ready:
+    """What a worker reports once its engine is loaded."""
+
+    index: int
+    pid: int
+    capacity: int
+    engine: str
+    max_model_len: int | None = None
+    gpus: list | None = None
+    kv_cache_tokens: int | None = None        # what the engine's KV cache holds (vLLM)
+    node: str | None = None                   # the host it runs on (for launchers across machines)
+    extra: dict = field(default_factory=dict)
+
+    def to_wire(self) -> dict:
+        return {f: getattr(self, f) for f in self.__slots__}
+
+    @classmethod
+    def from_wire(cls, body: Any) -> "Ready":
+        if not isinstance(body, dict):
+            raise ProtocolError(f"READY body must be a map, not {type(body).__name__}")
+        try:
+            ready = cls(**{k: v for k, v in body.items() if k in cls.__slots__})
+        except TypeError as exc:
+            raise ProtocolError(f"bad READY: {exc}") from None
+        if not (_is_int(ready.index) and _is_int(ready.pid) and _is_int(ready.capacity)):
+            raise ProtocolError("READY index, pid and capacity must be ints")
+        return ready
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _pack(body: Any) -> bytes:
+    # strict: no surrogates (msgpack refuses them), no unknown types -> TypeError naming the value.
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def encode(tag: Tag, body: Any) -> list[bytes]:
+    """The frames for one message (without the ROUTER identity frame)."""
+    return [_HEADERS[tag], _pack(body)]
+
+
+def encode_batches(tag: Tag, items: list, limit: int = MAX_FRAME_BYTES) -> tuple[list[list[bytes]], list[int]]:
+    """Messages carrying ``items`` (wire records), each under ``limit`` bytes.
+
+    Returns (messages, too_big): the positions of items that do not fit a frame even alone.
+    The common case (everything fits) packs once; only an oversized list is halved.
+    """
+    out: list[list[bytes]] = []
+    too_big: list[int] = []
+
+    def split(lo: int, hi: int) -> None:
+        body = _pack(items[lo:hi])
+        if len(body) <= limit:
+            out.append([_HEADERS[tag], body])
+        elif hi - lo == 1:
+            too_big.append(lo)
+        else:
+            mid = (lo + hi) // 2
+            split(lo, mid)
+            split(mid, hi)
+
+    if items:
+        split(0, len(items))
+    return out, too_big
+
+
+def decode(frames: list[bytes]) -> tuple[Tag, Any]:
+    """(tag, body) of a message; ProtocolError for anything that is not a valid mpdp frame."""
+    if len(frames) != 2:
+        raise ProtocolError(f"expected 2 frames, got {len(frames)}")
+    header, body = frames
+    if len(header) != 2:
+        raise ProtocolError(f"bad header of {len(header)} bytes")
+    version, tag = header[0], header[1]
+    if version != VERSION:
+        raise ProtocolError(f"protocol version {version}, this side speaks {VERSION}")
+    if tag not in _TAGS:
+        raise ProtocolError(f"unknown message tag {tag}")
+    if len(body) > MAX_FRAME_BYTES:
+        raise ProtocolError(f"frame of {len(body)} bytes exceeds the {MAX_FRAME_BYTES}-byte limit")
+    try:
+        return _TAGS[tag], msgpack.unpackb(body, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError(f"undecodable {_TAGS[tag].name} body: {exc}") from exc
+
+
+def _list_body(tag: Tag, body: Any) -> list:
+    if not isinstance(body, list):
+        raise ProtocolError(f"{tag.name} body must be a list, not {type(body).__name__}")
+    return body
+
+
+# -- requests ----------------------------------------------------------------------------------
+def request_to_wire(req: EngineRequest) -> list:
+    return [req.id, req.prompt, req.messages, req.prompt_token_ids, req.params, req.stream]
+
+
+def request_from_wire(item: Any) -> EngineRequest:
+    if not isinstance(item, list) or len(item) != 6 or not _is_int(item[0]) or not isinstance(item[4], dict):
+        raise ProtocolError("a SUBMIT item must be [id, prompt, messages, prompt_token_ids, params, stream]")
+    return EngineRequest(*item)
+
+
+def submit_items(body: Any) -> list:
+    return _list_body(Tag.SUBMIT, body)
+
+
+def abort_ids(body: Any) -> list[int]:
+    ids = _list_body(Tag.ABORT, body)
+    if not all(_is_int(i) for i in ids):
+        raise ProtocolError("ABORT body must be a list of request ids")
+    return ids
+
+
+# -- results -----------------------------------------------------------------------------------
+def result_to_wire(res: EngineResult) -> list:
+    return [res.id, res.texts, res.finish_reasons, res.prompt_tokens, res.completion_tokens,
+            res.logprobs, res.error_type, res.error, res.finished, res.traceback]
+
+
+def result_from_wire(item: Any) -> EngineResult:
+    if (not isinstance(item, list) or len(item) != 10 or not _is_int(item[0])
+            or not isinstance(item[1], list) or not isinstance(item[2], list)
+            or not _is_int(item[3]) or not _is_int(item[4])):
+        raise ProtocolError("a RESULTS item must be [id, texts, finish_reasons, prompt_tokens, "
+                            "completion_tokens, logprobs, error_type, error, finished, traceback]")
+    return EngineResult(*item)
+
+
+def results_from_wire(body: Any) -> list[EngineResult]:
+    return [result_from_wire(item) for item in _list_body(Tag.RESULTS, body)]
+
+
+def check_encodable(value: Any, what: str) -> int:
+    """Size in bytes of ``value`` on the wire; TypeError/ValueError naming ``what`` when it can't travel."""
+    try:
+        return len(_pack(value))
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{what} contains text that is not valid UTF-8 (lone surrogate?): {exc}") from None
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise TypeError(f"{what} is not serialisable for the wire: {exc}") from None
