@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 import time
 from concurrent.futures import Future
 
@@ -38,7 +39,10 @@ class Signals:
     def __init__(self) -> None:
         self.signum: int | None = None
         self.deferred = False
-        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        self._old = {}
+        # Only the main thread may set handlers (main() called from another thread: no clean stops).
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def _handle(self, signum, frame) -> None:
         if self.signum is None:
@@ -115,11 +119,14 @@ def _write_all(args, plan: checks.Plan, pool, signals: Signals) -> int:
     started, failure = time.monotonic(), None
     try:
         _loop(_todo(args.input, plan), window, writer, pool, signals)
-    except PoolFailure as exc:
-        failure = exc
-    except OSError as exc:                      # the disk filled up, the file system went away
+    except (PoolFailure, OSError) as exc:       # OSError: the disk filled up, the file system went away
         failure = exc
     finally:
+        if failure is None:
+            try:
+                window.drain()                  # what finished before the stop, in order
+            except (PoolFailure, OSError) as exc:
+                failure = exc
         aborted = window.cancel_all()           # cancel() also aborts each request in its engine
         writer.close()                          # flush + fsync what was written
         progress.close()
@@ -134,7 +141,7 @@ def _write_all(args, plan: checks.Plan, pool, signals: Signals) -> int:
     if signals.signum is not None or failure is not None:
         why = f"stopped by {signal.Signals(signals.signum).name}" if signals.signum is not None \
             else f"error: {_first_line(failure)}"
-        _say(f"{why} ({aborted} requests in flight aborted)")
+        _say(f"{why}; {aborted} unfinished requests aborted")
         _say(f"wrote {written} of {plan.total} results; rerun with --resume to finish")
         return 128 + signals.signum if signals.signum is not None else 1
     if written < plan.total:                    # two ids shared a 64-bit hash: see ids.py
