@@ -51,7 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from mpdp.models import DEFAULT_MODEL
 
     files = p.add_argument_group("files")
-    files.add_argument("--input", required=True, metavar="FILE", help="JSONL requests, simple or OpenAI batch format (detected)")
+    files.add_argument("--input", required=True, metavar="FILE",
+                       help="JSONL requests, simple or OpenAI batch format (detected)")
     files.add_argument("--output", required=True, metavar="FILE", help="JSONL results, one a line, in input order")
     again = files.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",

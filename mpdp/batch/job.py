@@ -121,6 +121,8 @@ def _write_all(args, plan: checks.Plan, pool, signals: Signals) -> int:
         _loop(_todo(args.input, plan), window, writer, pool, signals)
     except (PoolFailure, OSError) as exc:       # OSError: the disk filled up, the file system went away
         failure = exc
+    except formats.FormatError as exc:          # checked before the run: the input changed since
+        failure = formats.FormatError(f"the input changed during the run: {exc}")
     finally:
         if failure is None:
             try:
@@ -144,7 +146,7 @@ def _write_all(args, plan: checks.Plan, pool, signals: Signals) -> int:
         _say(f"{why}; {aborted} unfinished requests aborted")
         _say(f"wrote {written} of {plan.total} results; rerun with --resume to finish")
         return 128 + signals.signum if signals.signum is not None else 1
-    if written < plan.total:                    # two ids shared a 64-bit hash: see ids.py
+    if written < plan.total:       # an id taken for done was not (a shared 64-bit hash, ids.py)
         _say(f"wrote {written} of {plan.total} results; rerun with --resume to finish")
         return 1
     return 0 if failed == 0 else 1
