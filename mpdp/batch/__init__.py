@@ -1,0 +1,93 @@
+"""``mpdp generate``: run a JSONL file of requests through a pool, resumably.
+
+Reads the simple format (``{"id", "prompt" | "messages", ...}``) or OpenAI batch lines
+(``{"custom_id", "method", "url", "body"}``), writes one result a line in input order, and can
+be stopped (SIGINT, SIGTERM, even SIGKILL) and finished later with ``--resume``. The parts:
+``formats`` (lines in and out), ``checks`` (everything found before a worker starts),
+``output`` (resume scan, torn-line repair, durable writes), ``window`` (input order),
+``progress`` (the bar and the worker table), ``job`` (the run, signals, exit codes).
+
+This module is what the command line needs to list the subcommand: it imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "run a JSONL file of requests (simple or OpenAI batch format) through a pool"
+EPILOG = """\
+input formats (detected from the first line; one file holds one):
+  simple   {"id", "prompt" | "messages", <sampling fields>}  ->  {"id", "text", "finish_reason", "usage"}
+  openai   {"custom_id", "method": "POST", "url": "/v1/chat/completions" | "/v1/completions", "body"}
+           ->  {"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}
+  Other fields (metadata, an answer) are copied to the output line. A request that fails alone
+  gets an error line in its place.
+
+stopping and resuming:
+  SIGINT/SIGTERM abort what is in flight and keep what is written; --resume skips the ids the
+  output already has (a torn last line is cut off) and appends the rest.
+
+exit codes: 0 all done, 1 some requests failed, 2 a usage or input mistake (found before any
+worker starts), 130/143 stopped by SIGINT/SIGTERM.
+"""
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from mpdp.engines import ENGINES          # a dict of names: imports no engine
+    from mpdp.models import DEFAULT_MODEL
+
+    files = p.add_argument_group("files")
+    files.add_argument("--input", required=True, metavar="FILE",
+                       help="JSONL requests, simple or OpenAI batch format (detected)")
+    files.add_argument("--output", required=True, metavar="FILE", help="JSONL results, one a line, in input order")
+    again = files.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="append to an existing output the results of the ids it does not have yet")
+    again.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+    pool = p.add_argument_group("pool")
+    pool.add_argument("--model", default=DEFAULT_MODEL, help="model name or local folder (default: %(default)s)")
+    pool.add_argument("--engine", default=None, choices=sorted(ENGINES),
+                      help="engine (default: vllm when installed and a GPU is visible, else hf)")
+    pool.add_argument("--num-workers", type=_positive, default=None, metavar="N",
+                      help="CPU workers for the hf/echo engines (default: the CPU count, at most 4)")
+    pool.add_argument("--num-gpus", type=_positive, default=None, metavar="N",
+                      help="GPUs for the vllm engine (default: every visible GPU)")
+    pool.add_argument("--tensor-parallel-size", type=_positive, default=1, metavar="N",
+                      help="GPUs per worker (default: %(default)s)")
+    pool.add_argument("--engine-option", action="append", default=[], metavar="KEY=JSON",
+                      help="engine option, e.g. max_model_len=4096 (repeatable)")
+
+    sampling = p.add_argument_group("sampling defaults (each line may override them)")
+    sampling.add_argument("--max-tokens", type=int, default=256, help="(default: %(default)s)")
+    sampling.add_argument("--temperature", type=float, default=0.0, help="(default: %(default)s, greedy)")
+    sampling.add_argument("--top-p", type=float, default=None, help="(default: the engine's, 1.0)")
+    sampling.add_argument("--top-k", type=int, default=None, help="(default: the engine's, off)")
+    sampling.add_argument("--seed", type=int, default=None, help="(default: none)")
+
+    job = p.add_argument_group("job")
+    job.add_argument("--window", type=_positive, default=8192, metavar="N",
+                     help="requests in flight at most; results wait in it for earlier ones (default: %(default)s)")
+    job.add_argument("--fsync-every", type=_seconds, default=5.0, metavar="SECONDS",
+                     help="fsync the output this often; SIGKILL loses at most that much (default: %(default)s)")
+    job.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def run(args) -> int:
+    from mpdp.batch.job import run as run_job
+
+    return run_job(args)

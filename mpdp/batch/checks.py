@@ -1,0 +1,178 @@
+"""Everything ``mpdp generate`` can find wrong before a worker starts, each as one line.
+
+Model loading takes minutes on GPUs; a typo in a path, an output that would be overwritten,
+or a broken line 90,000 of the input must not wait for it. ``prepare`` checks, in this order:
+the flags' values, the input can be read, the output folder can be written and an existing
+output is resumed or overwritten only when asked, the model resolves, and every input line
+is a request of the file's format with a unique id (one streaming pass: memory is 8 bytes an
+id, see ``ids.py``). It returns the plan the job runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+from mpdp.batch import formats, output
+from mpdp.batch.ids import IdSet
+
+
+class UsageError(Exception):
+    """A mistake in the command or its files: one line for the user, exit code 2."""
+
+
+@dataclass(slots=True)
+class Plan:
+    fmt: str
+    total: int                          # requests in the input (= unique ids)
+    done: int                           # of them, already in the output (resume)
+    engine: str
+    model: str                          # resolved (a local folder for engines with weights)
+    engine_options: dict[str, Any]
+    sampling: dict[str, Any]
+    previous: output.Scan | None = None  # the existing output being resumed (None: start afresh)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def todo(self) -> int:
+        return self.total - self.done
+
+
+def prepare(args) -> Plan:
+    options = dict(_option(o) for o in args.engine_option)
+    sampling = _sampling(args)
+    _check_input(args.input)
+    resume = _check_output(args)
+    engine, model = _resolve(args.engine, args.model, options)
+    fmt = _first_format(args.input)
+    previous = None
+    if resume:
+        try:
+            previous = output.scan(args.output, fmt)
+        except output.ResumeError as exc:
+            raise UsageError(str(exc)) from None
+    total, done = _check_lines(args.input, fmt, previous.ids if previous else None)
+    plan = Plan(fmt, total, done, engine, model, options, sampling, previous)
+    if previous is not None and previous.torn_bytes:
+        plan.notes.append(f"cutting a torn last line ({previous.torn_bytes} bytes) off {args.output}")
+    if previous is not None:
+        plan.notes.append(f"resuming: {done} of {total} results already in {args.output}")
+    return plan
+
+
+def _option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise UsageError(f"--engine-option wants KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value               # a bare string, e.g. dtype=float16
+
+
+def _sampling(args) -> dict[str, Any]:
+    from mpdp.requests import check_sampling
+
+    given = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
+             "top_k": args.top_k, "seed": args.seed}
+    try:
+        return check_sampling({k: v for k, v in given.items() if v is not None})
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"--{str(exc).split()[0].replace('_', '-')}: {exc}") from None
+
+
+def _check_input(path: str) -> None:
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as exc:
+        raise UsageError(f"cannot read --input {path}: {exc.strerror or exc}") from None
+
+
+def _check_output(args) -> bool:
+    """Whether there is an existing output to resume (False: the job starts the file afresh)."""
+    path = args.output
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"--output {path} is a folder; give a file name")
+    if not os.path.isdir(folder):
+        raise UsageError(f"the folder of --output {path} does not exist ({folder})")
+    try:                 # access() can be wrong (root, ACLs, read-only mounts): really create a file
+        fd, probe = tempfile.mkstemp(prefix=".mpdp-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+        if os.path.exists(path):
+            open(path, "ab").close()          # appending nothing changes nothing
+    except OSError as exc:
+        raise UsageError(f"cannot write --output {path}: {exc.strerror or exc}") from None
+    if not os.path.exists(path) or os.path.getsize(path) == 0:    # an empty file holds nothing to lose
+        return False
+    if args.overwrite:
+        return False
+    if args.resume:
+        return True
+    raise UsageError(f"--output {path} already exists: add --resume to finish it, or --overwrite to replace it")
+
+
+def _resolve(engine: str | None, model: str, options: dict) -> tuple[str, str]:
+    from mpdp.engines import resolve_model
+    from mpdp.pool import default_engine
+
+    engine = engine or default_engine()
+    try:
+        return engine, resolve_model(engine, model, options)
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise UsageError(f"--model {model}: {exc}") from None
+
+
+def _first_format(path: str) -> str:
+    try:
+        for lineno, obj in formats.read_objects(path):
+            return formats.detect(obj)
+    except formats.FormatError as exc:
+        raise UsageError(f"--input {path}: {exc}") from None
+    raise UsageError(f"--input {path} holds no requests")
+
+
+def _check_lines(path: str, fmt: str, done: IdSet | None) -> tuple[int, int]:
+    """(requests, of them already done); UsageError for a bad line or a repeated id."""
+    keys, total, already = IdSet(), 0, 0
+    first_error, bad = None, 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                item = formats.parse(formats.decode(raw, lineno), lineno, fmt)
+            except formats.FormatError as exc:
+                first_error, bad = first_error or str(exc), bad + 1
+                continue
+            key = formats.id_key(item.id)
+            keys.add(key)
+            total += 1
+            already += done is not None and key in done
+    if bad:
+        more = f" ({bad} bad lines in all; the first is shown)" if bad > 1 else ""
+        raise UsageError(f"--input {path}: {first_error}{more}")
+    repeated = keys.freeze()
+    if repeated:
+        _confirm_duplicates(path, fmt, repeated)
+    return total, already
+
+
+def _confirm_duplicates(path: str, fmt: str, repeated: set[int]) -> None:
+    """The hashes say some ids repeat: find the real ids (a hash collision is not a duplicate)."""
+    seen: dict[Any, int] = {}
+    for lineno, obj in formats.read_objects(path):
+        item = formats.parse(obj, lineno, fmt)
+        if formats.id_key(item.id) not in repeated:
+            continue
+        real = (type(item.id), item.id)
+        if real in seen:
+            name = "custom_id" if fmt == formats.OPENAI else "id"
+            raise UsageError(f"--input {path}: {name} {item.id!r} is on line {seen[real]} and line {lineno}; "
+                             "ids must be unique (resume finds results by id)")
+        seen[real] = lineno

@@ -1,0 +1,214 @@
+"""Running a batch job: checks, the pool, the submit/write loop, clean stops, the summary.
+
+Exit codes: 0 every request succeeded; 1 some failed alone (their errors are in the output) or
+the pool itself failed; 2 a mistake found before any worker started; 128 + the signal number
+(130 SIGINT, 143 SIGTERM) when stopped. A stop never loses what was finished in order: the
+written prefix is flushed and fsynced, the rest is aborted, and ``--resume`` finishes it.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import Future
+
+from mpdp import errors
+from mpdp.batch import checks, formats, output
+from mpdp.batch.progress import Progress, worker_table
+from mpdp.batch.window import OrderedWindow
+
+_WAIT_S = 0.2            # how often the loop looks at the stop flag and the fsync clock while waiting
+_DRAIN_EVERY = 64        # submissions between looks at finished heads while the window fills
+
+
+class Stop(BaseException):
+    """Raised by the signal handler while the job cannot just look at a flag (checks, pool start)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class Signals:
+    """SIGINT/SIGTERM handlers. Before the pool runs they raise Stop (a model load can take
+    minutes); once it runs they only record, and the loop stops between two writes, so a
+    signal never lands in the middle of a line or of ``pool.close()``."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.deferred = False
+        self._old = {}
+        # Only the main thread may set handlers (main() called from another thread: no clean stops).
+        if threading.current_thread() is threading.main_thread():
+            self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = signum          # the first signal names the exit code
+        if not self.deferred:
+            raise Stop(signum)
+
+    def restore(self) -> None:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+
+class PoolFailure(Exception):
+    """The pool cannot go on (not one request's failure): stop, keep what was written."""
+
+
+def run(args) -> int:
+    signals, plan = Signals(), None
+    try:
+        plan = checks.prepare(args)
+        return _run(args, plan, signals)
+    except checks.UsageError as exc:
+        print(f"mpdp generate: error: {exc}", file=sys.stderr)
+        return 2
+    except Stop as stop:                        # during the checks or while the workers started
+        _say(f"stopped by {signal.Signals(stop.signum).name} before the workers were ready")
+        if plan is not None:
+            _say(f"wrote {plan.done} of {plan.total} results; rerun with --resume to finish")
+        return 128 + stop.signum
+    finally:
+        signals.restore()
+
+
+def _say(message: str) -> None:
+    print(f"mpdp: {message}", file=sys.stderr, flush=True)
+
+
+def _run(args, plan: checks.Plan, signals: Signals) -> int:
+    for note in plan.notes:
+        _say(note)
+    if plan.todo == 0:
+        if plan.previous is not None:
+            output.open_for_append(args.output, plan.previous).close()   # a torn tail goes all the same
+        _say(f"nothing to do: all {plan.total} results are in {args.output}")
+        return 0
+    from mpdp.pool import Pool           # not before: the checks above must stay fast
+
+    started = time.monotonic()
+    try:
+        pool = Pool(plan.model, engine=plan.engine, num_workers=args.num_workers, num_gpus=args.num_gpus,
+                    tensor_parallel_size=args.tensor_parallel_size, engine_options=plan.engine_options,
+                    **plan.sampling)
+    except (ValueError, TypeError) as exc:      # raised before any worker was started
+        print(f"mpdp generate: error: {exc}", file=sys.stderr)
+        return 2
+    except errors.MpdpError as exc:
+        _say(f"error: the workers did not start: {_first_line(exc)}")
+        return 1
+    try:
+        signals.deferred = True
+        if signals.signum is not None:          # arrived between the pool's start and here
+            raise Stop(signals.signum)
+        _say(f"{pool.num_workers} {pool.engine} workers ready in {time.monotonic() - started:.1f}s ({args.model})")
+        return _write_all(args, plan, pool, signals)
+    finally:
+        pool.close(wait=False)                  # aborts what is left, stops workers, removes temp folders
+
+
+def _write_all(args, plan: checks.Plan, pool, signals: Signals) -> int:
+    f = output.open_for_append(args.output, plan.previous) if plan.previous else open(args.output, "wb")
+    progress = Progress(plan.total, plan.done, enabled=not args.no_progress)
+    writer = output.DurableWriter(f, args.fsync_every, progress.advance)
+    window = OrderedWindow(args.window, _renderer(args.model), writer)
+    started, failure = time.monotonic(), None
+    try:
+        _loop(_todo(args.input, plan), window, writer, pool, signals)
+    except (PoolFailure, OSError) as exc:       # OSError: the disk filled up, the file system went away
+        failure = exc
+    except formats.FormatError as exc:          # checked before the run: the input changed since
+        failure = formats.FormatError(f"the input changed during the run: {exc}")
+    finally:
+        if failure is None:
+            try:
+                window.drain()                  # what finished before the stop, in order
+            except (PoolFailure, OSError) as exc:
+                failure = exc
+        aborted = window.cancel_all()           # cancel() also aborts each request in its engine
+        writer.close()                          # flush + fsync what was written
+        progress.close()
+    elapsed = time.monotonic() - started
+    stats = pool.stats()
+    written = plan.done + writer.written
+    failed = progress.failures
+    _say(f"{writer.written} requests ({failed} failed) in {elapsed:.1f}s -> {args.output}; "
+         f"{writer.written / max(elapsed, 1e-9):,.1f} requests/s, "
+         f"{progress.tokens / max(elapsed, 1e-9):,.0f} output tokens/s")
+    print(worker_table(stats), file=sys.stderr)
+    if signals.signum is not None or failure is not None:
+        why = f"stopped by {signal.Signals(signals.signum).name}" if signals.signum is not None \
+            else f"error: {_first_line(failure)}"
+        _say(f"{why}; {aborted} unfinished requests aborted")
+        _say(f"wrote {written} of {plan.total} results; rerun with --resume to finish")
+        return 128 + signals.signum if signals.signum is not None else 1
+    if written < plan.total:       # an id taken for done was not (a shared 64-bit hash, ids.py)
+        _say(f"wrote {written} of {plan.total} results; rerun with --resume to finish")
+        return 1
+    return 0 if failed == 0 else 1
+
+
+def _loop(items, window: OrderedWindow, writer: output.DurableWriter, pool, signals: Signals) -> None:
+    exhausted = False
+    while signals.signum is None:
+        since_drain = 0
+        while not exhausted and not window.full and signals.signum is None:
+            item = next(items, None)
+            if item is None:
+                exhausted = True
+                break
+            window.push(item, _submit(pool, item))
+            since_drain += 1
+            if since_drain >= _DRAIN_EVERY:     # write finished heads while the window fills
+                window.drain()
+                since_drain = 0
+        window.drain()
+        if exhausted and not len(window):
+            return
+        if window.full or exhausted:
+            window.wait_head(_WAIT_S)
+            writer.maybe_sync()
+
+
+def _todo(path: str, plan: checks.Plan):
+    """The second pass: the input's requests not in the output yet, in input order."""
+    done = plan.previous.ids if plan.previous else None
+    for lineno, obj in formats.read_objects(path):
+        item = formats.parse(obj, lineno, plan.fmt)
+        if done is None or formats.id_key(item.id) not in done:
+            yield item
+
+
+def _submit(pool, item: formats.Item) -> Future:
+    if item.error is None:
+        try:
+            return pool.submit(**item.request)
+        except (ValueError, TypeError) as exc:    # a bad request fails alone, in its place
+            error = exc
+        except (errors.PoolClosed, errors.PoolBroken) as exc:
+            raise PoolFailure(_first_line(exc)) from exc
+    else:
+        error = ValueError(item.error)
+    future: Future = Future()
+    future.set_exception(error)
+    return future
+
+
+def _renderer(model: str):
+    def render(item: formats.Item, outcome):
+        if isinstance(outcome, (errors.PoolClosed, errors.PoolBroken)):
+            raise PoolFailure(_first_line(outcome))
+        if isinstance(outcome, BaseException):
+            message = f"{type(outcome).__name__}: {outcome}"
+            return formats.error_row(item, message, outcome), 0, True
+        return formats.result_row(item, outcome, model), outcome.completion_tokens, False
+    return render
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,121 @@
+"""The output file: what a previous run left (resume), repairing a torn last line, durable writes.
+
+A run killed with SIGKILL (or a machine that lost power) can leave a last line cut short: it is
+the only thing after the last newline, because every result is written as one ``line + "\\n"``.
+``scan`` reads the ids already written and where the good part ends; ``open_for_append`` cuts
+the torn tail off before anything new is appended. Any other line that is not a result of this
+job's format is an error: resume never guesses about a file it does not understand.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import BinaryIO, Callable
+
+from mpdp.batch import formats
+from mpdp.batch.ids import IdSet
+
+
+class ResumeError(Exception):
+    """The existing output cannot be resumed (the message is one line for the user)."""
+
+
+@dataclass(slots=True)
+class Scan:
+    ids: IdSet
+    lines: int                 # complete result lines
+    good_end: int              # byte offset where the complete lines end
+    size: int                  # the file's size now
+    needs_newline: bool        # the last line is complete JSON but its newline was never written
+
+    @property
+    def torn_bytes(self) -> int:
+        return self.size - self.good_end
+
+
+def scan(path: str, fmt: str) -> Scan:
+    """Ids already written to ``path`` by a run on a file of format ``fmt`` (streaming)."""
+    ids, lines, offset, good_end, needs_newline = IdSet(), 0, 0, 0, False
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            offset += len(raw)
+            complete = raw.endswith(b"\n")
+            if not raw.strip():
+                good_end = offset if complete else good_end
+                continue
+            item_id = _row_id(raw, fmt)
+            if item_id is None:
+                if not complete:            # the torn tail of a killed run: cut off below
+                    break
+                raise ResumeError(f"line {lineno} of {path} is not a {fmt}-format result line; "
+                                  "cannot resume into it (use --overwrite to replace the file)")
+            ids.add(formats.id_key(item_id))
+            lines += 1
+            good_end = offset
+            needs_newline = not complete
+    ids.freeze()
+    return Scan(ids, lines, good_end, offset, needs_newline)
+
+
+def _row_id(raw: bytes, fmt: str):
+    try:
+        return formats.output_id(json.loads(raw), fmt)
+    except ValueError:
+        return None
+
+
+def open_for_append(path: str, found: Scan) -> BinaryIO:
+    """Cut a torn last line off and open for appending after the last complete one."""
+    if found.torn_bytes:
+        os.truncate(path, found.good_end)
+    f = open(path, "ab")
+    if found.needs_newline:
+        f.write(b"\n")
+    return f
+
+
+class DurableWriter:
+    """Writes lines as they come, flushes after every batch and fsyncs every ``fsync_every`` seconds.
+
+    ``on_written(lines, tokens, failures)`` runs after the batch is flushed, so whatever it shows
+    (the progress bar) never counts a line that is not in the file yet.
+    """
+
+    def __init__(self, f: BinaryIO, fsync_every: float = 5.0,
+                 on_written: Callable[[int, int, int], None] | None = None):
+        self.f, self.fsync_every, self.on_written = f, fsync_every, on_written
+        self.written = 0
+        self._dirty = False
+        self._last_sync = time.monotonic()
+
+    def write(self, rows: list[tuple[dict, int, bool]]) -> None:
+        """``rows``: (output line, completion tokens, failed) in the order they must appear."""
+        if not rows:
+            return
+        data = b"".join(json.dumps(row, ensure_ascii=False).encode("utf-8") + b"\n" for row, _, _ in rows)
+        self.f.write(data)
+        self.f.flush()
+        self.written += len(rows)
+        self._dirty = True
+        self.maybe_sync()
+        if self.on_written is not None:
+            self.on_written(len(rows), sum(t for _, t, _ in rows), sum(1 for _, _, bad in rows if bad))
+
+    def maybe_sync(self) -> None:
+        """fsync when the last one is ``fsync_every`` seconds old (also called while waiting)."""
+        if self._dirty and time.monotonic() - self._last_sync >= self.fsync_every:
+            self.sync()
+
+    def sync(self) -> None:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self._dirty = False
+        self._last_sync = time.monotonic()
+
+    def close(self) -> None:
+        if not self.f.closed:
+            self.sync()
+            self.f.close()
