@@ -74,7 +74,7 @@ def _option(text: str) -> tuple[str, Any]:
 
 
 def _sampling(args) -> dict[str, Any]:
-    from mpdp.requests import check_sampling
+    from mpdp.config import check_sampling
 
     given = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
              "top_k": args.top_k, "seed": args.seed}

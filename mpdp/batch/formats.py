@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from mpdp.requests import SAMPLING
+from mpdp.config import SAMPLING
 
 SIMPLE, OPENAI = "simple", "openai"
 CHAT_URL, COMPLETIONS_URL = "/v1/chat/completions", "/v1/completions"
