@@ -99,7 +99,8 @@ class Pool:
                               config.dispatcher_timeout, dict(config.worker_env))
 
         def supervisor(endpoint: str) -> Supervisor:
-            return Supervisor(slots, launch, make_launcher(config), endpoint, transport.curve)
+            return Supervisor(slots, launch, make_launcher(config), endpoint, transport.curve,
+                              [transport.folder] if transport.folder else [])
 
         self._dispatcher = d = Dispatcher(
             supervisor, transport, Scheduler(self._policy, max_batch=config.max_batch,

@@ -107,13 +107,17 @@ def plan_slots(num_workers: int, gpus: list[str] | None, tensor_parallel_size: i
 
 
 class Supervisor:
-    def __init__(self, slots: list[Slot], launch: LaunchConfig, launcher: Launcher, endpoint: str, curve=None):
+    def __init__(self, slots: list[Slot], launch: LaunchConfig, launcher: Launcher, endpoint: str, curve=None,
+                 cleanup_paths: list[str] | None = None):
         self.slots = slots
         self.launch = launch
         self.launcher = launcher
         self.endpoint = endpoint
         self.curve = curve
         self.token = secrets.token_hex(8)
+        # The pool's private folders (logs, the ipc socket's): local workers remove them if
+        # the pool's process dies without cleaning up (SIGKILL, an unhandled SIGTERM).
+        self.cleanup_paths = [*launcher.cleanup_paths, *(cleanup_paths or [])]
 
     def may_start(self, slot: Slot) -> bool:
         """False while another slot on one of its GPUs is still loading (see the module docstring)."""
@@ -133,7 +137,7 @@ class Supervisor:
             heartbeat_interval=self.launch.heartbeat_interval,
             dispatcher_timeout=self.launch.dispatcher_timeout, parent_pid=os.getpid(),
             curve=self.curve, env=self.launch.env, token=self.token,
-            cleanup_paths=list(self.launcher.cleanup_paths))
+            cleanup_paths=self.cleanup_paths)
         slot.identity = spec.identity
         slot.last_error = slot.exit_reason = ""
         try:

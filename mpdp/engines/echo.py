@@ -10,7 +10,8 @@ one character counts as one token. Options:
 - ``faults``: when true, a prompt ``"!fault:<kind>"`` makes the engine fail in that way, so the
   failure tests can crash a real worker: ``exit`` (``os._exit(3)``), ``kill`` (SIGKILL itself),
   ``segv`` (SIGSEGV itself), ``raise`` (an exception in ``step``), ``hang`` (``step`` never returns),
-  ``reject`` (``add`` raises ValueError: a bad request, not a crash). The prompt ``"!held"``
+  ``reject`` (``add`` raises ValueError: a bad request, not a crash), ``badresult`` (``step``
+  returns a result of the wrong shape: a protocol violation the dispatcher must survive). The prompt ``"!held"``
   answers at once with the ids of the other requests the engine holds (``"3 7"``), so a test
   can see that a cancelled or timed-out request was really aborted inside the engine.
 
@@ -51,6 +52,7 @@ class EchoEngine(Engine):
         self._probes: set[int] = set()
         self.stream_piece = int(options.get("stream_piece", 4))
         self._streams: dict[int, int] = {}               # streamed request id -> characters sent
+        self._bad_results: list[int] = []
 
     @property
     def capacity(self) -> int:
@@ -73,6 +75,9 @@ class EchoEngine(Engine):
             kind = text[len(FAULT_PREFIX):]
             if kind == "reject":
                 raise ValueError("the echo engine was asked to reject this request")
+            if kind == "badresult":
+                self._bad_results.append(request.id)
+                return
             self._pending_fault = kind
         elif self.faults and text == HELD_PROBE:
             self._probes.add(request.id)
@@ -85,6 +90,8 @@ class EchoEngine(Engine):
     def step(self) -> list[EngineResult]:
         if self._pending_fault:
             _fail(self._pending_fault)
+        if self._bad_results:
+            return [EngineResult(id=self._bad_results.pop(), texts="not a list", prompt_tokens="many")]
         now = time.monotonic()
         if self._due and self._due[0][0] > now:
             # Sleep a little, not until the deadline: the worker must keep answering the dispatcher.
@@ -122,7 +129,7 @@ class EchoEngine(Engine):
             self._probes.discard(rid)
 
     def has_unfinished(self) -> bool:
-        return bool(self._held)
+        return bool(self._held or self._bad_results)
 
 
 def _text_of(req: EngineRequest) -> str:
