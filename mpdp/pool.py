@@ -83,7 +83,8 @@ class Pool:
         self.config = config
         self.engine = config.engine or default_engine()
         self.engine_info = engine_cls = engine_class(self.engine)
-        self.defaults = config.sampling
+        self.sampling = config.sampling
+        self.defaults = config.sampling.to_dict()     # the wire form; each request starts from it
         self.max_pending = config.max_pending
         if config.routing not in POLICIES:
             raise ValueError(f"routing must be one of {', '.join(POLICIES)}, not {config.routing!r}")
@@ -286,7 +287,7 @@ class Pool:
     def _params(self, sampling: dict, base: dict | None = None) -> dict:
         """The wire params: defaults, with validated overrides. Validated once, here."""
         if base is None:
-            base = self.defaults.to_dict()
+            base = self.defaults
         if not sampling:
             return base
         checked = check_sampling(sampling)
