@@ -11,7 +11,9 @@ block i and, through block i-1's hash, everything before it. A set of such hashe
 tree (a hash is a node, its predecessor its parent) without pointers. Chat messages are
 rendered as role + content, in order, so a system prompt and few-shot demos form the shared
 prefix and only the last question differs; text, chat and token prompts start from different
-seeds and never match each other (the engine renders them differently). The hashes are
+seeds and never match each other (the engine renders them differently). The default block,
+512 characters or 128 tokens, makes a 3,000-token prompt ~23 blocks: fine enough that at most one
+block of a shared prefix goes unseen, coarse enough to keep the dispatcher's work small. The hashes are
 computed in ``route_key``, in the caller's thread, and kept on the ticket; the dispatcher only
 does dict lookups. Only whole blocks count, as vLLM caches only full blocks.
 
@@ -84,6 +86,10 @@ _TOKEN_SEED = hash("mpdp.cache_aware.tokens")
 _ROLE_OPEN, _ROLE_CLOSE, _MESSAGE_END = "\x1e", "\x1f", "\x1d"
 
 
+def _first(item):
+    return item[0]
+
+
 class PrefixKey:
     """What ``route_key`` leaves on a ticket: the prompt's block hashes, what a block is worth in
     tokens, and (set at the first ``choose``) the ticket's full cost, kept for retries."""
@@ -136,7 +142,7 @@ class CacheAware(RoutingPolicy):
     and in-flight work). ``default_cache_tokens``: the budget when a worker reports none.
     """
 
-    def __init__(self, block_chars: int = 256, block_tokens: int = 64, band: float = 0.5,
+    def __init__(self, block_chars: int = 512, block_tokens: int = 128, band: float = 0.5,
                  worth: float = 4.0, cache_fraction: float = 0.9, default_cache_tokens: int = 262_144):
         if block_chars < 4 or block_tokens < 1:
             raise ValueError("block_chars must be >= 4 and block_tokens >= 1")
@@ -192,28 +198,32 @@ class CacheAware(RoutingPolicy):
 
     def choose(self, ticket: Ticket, candidates: list[WorkerLoad]) -> WorkerLoad:
         key = ticket.route
-        if not isinstance(key, PrefixKey):
+        if key.__class__ is not PrefixKey:
             return min(candidates, key=load_key)
-        if key.cost is None:
-            key.cost = ticket.cost                 # the full estimate, before any discount
         cost = key.cost
+        if cost is None:
+            cost = key.cost = ticket.cost          # the full estimate, before any discount
+        if not self._holders.get(key.blocks[0]):
+            # Cached nowhere (most fresh prompts): one lookup, then plain least loaded.
+            ticket.cost = cost
+            return min(candidates, key=load_key)
         depth = self.matches(key, candidates)
         bt = key.block_tokens
-        # saved(w) can exceed the prompt estimate slightly (chat role markers): keep a cost >= 1.
         scored = []
         for w in candidates:
+            # saved can exceed the prompt estimate slightly (chat role markers): keep a cost >= 1.
             saved = min(depth[w.index] * bt, cost - 1)
             scored.append((w.outstanding + cost - saved, saved, w))
-        least = min(s for s, _, _ in scored)
-        band = self.band * least
-        best = None
+        least = min(scored, key=_first)[0]
+        band, worth = self.band * least, self.worth
+        best = best_rank = None
         for score, saved, w in scored:
-            if score > least + min(band, self.worth * saved):
+            if score > least + min(band, worth * saved):
                 continue
             rank = (-saved, score, len(w.in_flight), w.index)
-            if best is None or rank < best[0]:
-                best = (rank, saved, w)
-        _, saved, w = best
+            if best_rank is None or rank < best_rank:
+                best, best_rank = (saved, w), rank
+        saved, w = best
         ticket.cost = cost - saved
         return w
 
