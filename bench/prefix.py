@@ -290,7 +290,7 @@ def run_once(pool, requests: list[dict], threads: int, max_tokens: int) -> dict:
         d["prompt_tokens"] += pt
         d["intervals"].append((a, b))
     for d in per_worker.values():
-        d["busy_s"] = round(busy_seconds(d.pop("intervals")), 3)
+        d["busy_s"] = round(busy_seconds(d.pop("intervals")), 4)
     return {"requests": len(records), "errors": len(errors), "error_sample": errors[:3],
             "seconds": round(elapsed, 3), "requests_per_s": round(len(records) / elapsed, 2),
             "workers": {str(k): v for k, v in sorted(per_worker.items())}}
