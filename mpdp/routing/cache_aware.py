@@ -1,0 +1,285 @@
+"""Cache-aware routing: send a request where its prompt's prefix is already cached.
+
+Each vLLM engine keeps a prefix cache of KV blocks; with several workers a request pays its
+prompt's prefill again on every worker that has not seen that prefix. This policy mirrors, per
+worker, an approximate tree of the prefixes it was sent and uses it to trade a little balance
+for a lot of work saved.
+
+**The tree.** A prompt is cut into fixed-size blocks (``block_chars`` characters of text, or
+``block_tokens`` token ids) and each block is named by a chained hash: block i's hash covers
+block i and, through block i-1's hash, everything before it. A set of such hashes is a prefix
+tree (a hash is a node, its predecessor its parent) without pointers. Chat messages are
+rendered as role + content, in order, so a system prompt and few-shot demos form the shared
+prefix and only the last question differs; text, chat and token prompts start from different
+seeds and never match each other (the engine renders them differently). The default block,
+512 characters or 128 tokens, makes a 3,000-token prompt ~23 blocks: fine enough that at most one
+block of a shared prefix goes unseen, coarse enough to keep the dispatcher's work small. The hashes are
+computed in ``route_key``, in the caller's thread, and kept on the ticket; the dispatcher only
+does dict lookups. Only whole blocks count, as vLLM caches only full blocks.
+
+One dict maps each block hash to a bitmask of the workers holding it, so matching a request
+against every worker at once walks its blocks in order and stops where the last worker drops
+out: a miss costs one lookup, a match of k blocks k+1 lookups, whatever the number of workers or
+entries. Each worker also has an LRU (``OrderedDict``) of its blocks with their token counts,
+bounded by a token budget that follows the KV cache size the worker reported in READY
+(``kv_cache_tokens``, times ``cache_fraction``; ``default_cache_tokens`` for engines that report
+none, like echo and hf). A request's blocks are refreshed last-first, so a prefix's first
+blocks are the most recent and the tail goes first, as vLLM frees a request's blocks in reverse
+order. A worker that dies or stops takes its entries with it (its cache is gone), and a worker
+that becomes READY starts empty, so a restart is cold here as it is in the engine.
+
+**The load criterion.** Load is what the worker still has to process, in tokens
+(``WorkerLoad.outstanding``, the sum of its tickets' costs). A cached prefix is work the worker
+will not do, so the policy charges a ticket only its uncached part: in ``choose`` it sets
+``ticket.cost`` to ``cost - saved`` for the worker it picks (the scheduler then adds and later
+subtracts that same figure), and keeps the full estimate on the route key for a retry.
+Counting full prompt costs is what broke ``prefix_affinity``'s fixed 4,096-token slack: two
+cached 3,000-token requests looked like 6,000 tokens of work when they were ~100.
+
+For each candidate w, ``score(w) = outstanding(w) + cost - saved(w)`` is the work ahead of the
+request's end on w if it goes there. Let ``m`` be the smallest score. A worker may take the
+request if::
+
+    score(w) <= m + min(band * m, worth * saved(w))
+
+and among those the one with the longest match wins (then the smallest score, fewer requests in
+flight, the lower index). Why this shape:
+
+- with no match anywhere the allowance is 0 and the least-loaded worker wins: a miss never goes
+  to "the worker with the emptiest tree" (the SGLang router's death spiral, where the cold worker
+  takes every new prefix and then all of their follow-ups);
+- the allowance is relative to the work queued (``band * m``): when every worker has tens of
+  thousands of tokens queued, one being 50% further behind idles nobody, and keeping each prefix
+  on one worker is what keeps the pool's caches disjoint, so a working set larger than one cache
+  but smaller than the pool's fits. A fixed slack is either far too small under load (the
+  measured case) or far too large at low load;
+- at low load ``m`` is small, so the allowance shrinks to about one request's own cost: a worker
+  running dry gets the next request even if it must prefill it, so nobody idles while another
+  queues. A hot prefix thus spills to a second worker exactly when its first one falls behind,
+  and from then on both hold it and plain load decides between them;
+- ``worth * saved(w)`` caps the allowance by what the match is worth: a one-block match (a short
+  generic system prompt) buys almost no imbalance, a whole cached document a lot.
+
+Cost on the dispatcher thread: O(matched blocks) lookups in ``choose`` and O(blocks) ``OrderedDict``
+operations in ``assigned``, plus O(evicted blocks); never a scan of all entries (a worker's
+removal is the one O(its entries) operation). ``bench/prefix.py --micro`` measures it.
+
+The tree is an estimate: prompt tokens are guessed at 4 characters a token for text (as
+``estimate_cost`` does), the engine may have evicted sooner or later than the mirror, and two
+different texts can tokenize to a shared prefix the character blocks do not see. A wrong guess
+costs a prefill, never a wrong answer.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from mpdp.routing.policies import RoutingPolicy, load_key
+from mpdp.routing.tickets import Ticket, WorkerLoad
+
+# Seeds of the hash chains: the same characters as a plain prompt, as chat or as token ids are
+# different inputs to the engine (chat goes through the template) and must not match each other.
+_TEXT_SEED = hash("mpdp.cache_aware.text")
+_CHAT_SEED = hash("mpdp.cache_aware.chat")
+_TOKEN_SEED = hash("mpdp.cache_aware.tokens")
+# Separators in the rendered chat text: a role name can never run into its content.
+_ROLE_OPEN, _ROLE_CLOSE, _MESSAGE_END = "\x1e", "\x1f", "\x1d"
+
+
+def _first(item):
+    return item[0]
+
+
+class PrefixKey:
+    """What ``route_key`` leaves on a ticket: the prompt's block hashes, what a block is worth in
+    tokens, and (set at the first ``choose``) the ticket's full cost, kept for retries."""
+
+    __slots__ = ("blocks", "block_tokens", "cost")
+
+    def __init__(self, blocks: tuple[int, ...], block_tokens: int):
+        self.blocks = blocks
+        self.block_tokens = block_tokens
+        self.cost: int | None = None
+
+    def __repr__(self) -> str:
+        return f"PrefixKey({len(self.blocks)} blocks of {self.block_tokens} tokens)"
+
+
+def text_blocks(text: str, block_chars: int, seed: int = _TEXT_SEED) -> tuple[int, ...]:
+    """Chained hashes of the whole ``block_chars``-character blocks of ``text``."""
+    out, h = [], seed
+    for start in range(0, len(text) - block_chars + 1, block_chars):
+        h = hash((h, text[start:start + block_chars]))
+        out.append(h)
+    return tuple(out)
+
+
+def token_blocks(ids: list[int], block_tokens: int) -> tuple[int, ...]:
+    """Chained hashes of the whole ``block_tokens``-id blocks of ``ids``."""
+    out, h = [], _TOKEN_SEED
+    for start in range(0, len(ids) - block_tokens + 1, block_tokens):
+        h = hash((h, tuple(ids[start:start + block_tokens])))
+        out.append(h)
+    return tuple(out)
+
+
+def render_messages(messages: list[dict]) -> str:
+    """Role and content of each message, in order: the shared system prompt and demos come first."""
+    parts = []
+    for m in messages:
+        parts += (_ROLE_OPEN, m["role"], _ROLE_CLOSE, m["content"], _MESSAGE_END)
+    return "".join(parts)
+
+
+class CacheAware(RoutingPolicy):
+    """Route to the worker holding the longest cached prefix, within a load allowance (module doc).
+
+    ``block_chars`` / ``block_tokens``: the block size for text and for token prompts (a text
+    block counts as ``block_chars // 4`` tokens). ``band``: how much further behind than the
+    least-loaded worker, relative to its queued work, a worker holding the prefix may be.
+    ``worth``: tokens of extra queue accepted per token the match saves. ``cache_fraction``: the
+    share of a worker's reported KV cache the mirror assumes holds prefixes (the rest is decode
+    and in-flight work). ``default_cache_tokens``: the budget when a worker reports none.
+    """
+
+    def __init__(self, block_chars: int = 512, block_tokens: int = 128, band: float = 0.5,
+                 worth: float = 4.0, cache_fraction: float = 0.9, default_cache_tokens: int = 262_144):
+        if block_chars < 4 or block_tokens < 1:
+            raise ValueError("block_chars must be >= 4 and block_tokens >= 1")
+        if band < 0 or worth < 0 or not 0 < cache_fraction <= 1 or default_cache_tokens < 1:
+            raise ValueError("band and worth must be >= 0, cache_fraction in (0, 1], default_cache_tokens >= 1")
+        self.block_chars = block_chars
+        self.block_tokens = block_tokens
+        self.band = band
+        self.worth = worth
+        self.cache_fraction = cache_fraction
+        self.default_cache_tokens = default_cache_tokens
+        self._holders: dict[int, int] = {}                   # block hash -> bitmask of worker indices
+        self._lru: dict[int, OrderedDict[int, int]] = {}      # worker -> {block hash: tokens}, oldest first
+        self._used: dict[int, int] = {}                       # worker -> tokens its blocks stand for
+        self._budget: dict[int, int] = {}                     # worker -> token budget
+
+    # -- the caller's thread: reads only the policy's (immutable) settings -----------------------
+    def route_key(self, request) -> PrefixKey | None:
+        if request.prompt_token_ids is not None:
+            blocks, tokens = token_blocks(request.prompt_token_ids, self.block_tokens), self.block_tokens
+        elif request.messages is not None:
+            blocks = text_blocks(render_messages(request.messages), self.block_chars, _CHAT_SEED)
+            tokens = self.block_chars // 4
+        elif request.prompt is not None:
+            blocks, tokens = text_blocks(request.prompt, self.block_chars), self.block_chars // 4
+        else:
+            return None
+        return PrefixKey(blocks, tokens) if blocks else None
+
+    # -- the dispatcher thread --------------------------------------------------------------------
+    def matches(self, key: PrefixKey, candidates: list[WorkerLoad]) -> dict[int, int]:
+        """Cached blocks of ``key`` on each candidate (by index), walking the blocks once for all."""
+        depth = dict.fromkeys((w.index for w in candidates), 0)
+        alive = 0
+        for w in candidates:
+            alive |= 1 << w.index
+        holders = self._holders
+        for i, h in enumerate(key.blocks):
+            held = holders.get(h, 0) & alive
+            if held != alive:
+                dropped, alive = alive & ~held, held
+                while dropped:                     # the workers whose match ends at block i
+                    low = dropped & -dropped
+                    depth[low.bit_length() - 1] = i
+                    dropped ^= low
+                if not alive:
+                    return depth
+        while alive:                               # whole prompt cached
+            low = alive & -alive
+            depth[low.bit_length() - 1] = len(key.blocks)
+            alive ^= low
+        return depth
+
+    def choose(self, ticket: Ticket, candidates: list[WorkerLoad]) -> WorkerLoad:
+        key = ticket.route
+        if key.__class__ is not PrefixKey:
+            return min(candidates, key=load_key)
+        cost = key.cost
+        if cost is None:
+            cost = key.cost = ticket.cost          # the full estimate, before any discount
+        if not self._holders.get(key.blocks[0]):
+            # Cached nowhere (most fresh prompts): one lookup, then plain least loaded.
+            ticket.cost = cost
+            return min(candidates, key=load_key)
+        depth = self.matches(key, candidates)
+        bt = key.block_tokens
+        scored = []
+        for w in candidates:
+            # saved can exceed the prompt estimate slightly (chat role markers): keep a cost >= 1.
+            saved = min(depth[w.index] * bt, cost - 1)
+            scored.append((w.outstanding + cost - saved, saved, w))
+        least = min(scored, key=_first)[0]
+        band, worth = self.band * least, self.worth
+        best = best_rank = None
+        for score, saved, w in scored:
+            if score > least + min(band, worth * saved):
+                continue
+            rank = (-saved, score, len(w.in_flight), w.index)
+            if best_rank is None or rank < best_rank:
+                best, best_rank = (saved, w), rank
+        saved, w = best
+        ticket.cost = cost - saved
+        return w
+
+    def assigned(self, ticket: Ticket, index: int) -> None:
+        key = ticket.route
+        lru = self._lru.get(index)
+        if lru is None or not isinstance(key, PrefixKey):
+            return
+        holders, bit, tokens = self._holders, 1 << index, key.block_tokens
+        added = 0
+        # Last block first: the prefix's head ends up most recent and is evicted last.
+        for h in reversed(key.blocks):
+            if h in lru:
+                lru.move_to_end(h)
+            else:
+                lru[h] = tokens
+                holders[h] = holders.get(h, 0) | bit
+                added += tokens
+        if added:
+            used = self._used[index] + added
+            budget = self._budget[index]
+            while used > budget and lru:
+                h, t = lru.popitem(last=False)
+                used -= t
+                rest = holders[h] & ~bit
+                if rest:
+                    holders[h] = rest
+                else:
+                    del holders[h]
+            self._used[index] = used
+
+    def worker_added(self, index: int, info: dict) -> None:
+        self.worker_removed(index)                 # READY again means a fresh engine: a cold cache
+        reported = info.get("kv_cache_tokens") if info else None
+        size = reported if isinstance(reported, int) and reported > 0 else self.default_cache_tokens
+        self._budget[index] = max(1, int(size * self.cache_fraction))
+        self._lru[index] = OrderedDict()
+        self._used[index] = 0
+
+    def worker_removed(self, index: int) -> None:
+        lru = self._lru.pop(index, None)
+        self._used.pop(index, None)
+        self._budget.pop(index, None)
+        if not lru:
+            return
+        holders, keep = self._holders, ~(1 << index)
+        for h in lru:
+            rest = holders[h] & keep
+            if rest:
+                holders[h] = rest
+            else:
+                del holders[h]
+
+    # -- for tests and reports --------------------------------------------------------------------
+    def cached_tokens(self, index: int) -> int:
+        return self._used.get(index, 0)
+
+    def entries(self) -> int:
+        return len(self._holders)

@@ -1,0 +1,43 @@
+"""bench/prefix.py's CPU self-check: with the echo engine and tiny sizes it runs every workload
+under every policy, swaps the pool's policy between runs, and writes its JSON. Timings are not
+asserted; the micro-benchmark's shape is."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+POLICIES = {"least_loaded", "prefix_affinity", "cache_aware"}
+
+
+def run(*args: str, out) -> dict:
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "prefix.py"), *args, "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return json.loads(out.read_text())
+
+
+def test_echo_smoke_run_covers_every_workload_and_policy(tmp_path, no_child_left):
+    result = run("--engine", "echo", "--scale", "0.03", "--rounds", "2", "--threads", "8", "--settle-s", "0",
+                 out=tmp_path / "prefix.json")
+    assert set(result["summary"]) == {"docqa", "gepa64", "gepa8", "random", "skew"}
+    for workload, by_policy in result["summary"].items():
+        assert set(by_policy) == POLICIES, workload
+        assert by_policy["least_loaded"]["ratio_to_least_loaded"] == 1.0
+        assert all(len(row["rounds"]) == 2 for row in by_policy.values())
+    for r in result["runs"]:
+        assert r["errors"] == 0 and r["requests"] > 0
+        assert sum(w["requests"] for w in r["workers"].values()) == r["requests"]
+        assert set(r["engine_log"]) == {"0", "1"}                # one entry per worker
+    assert "not reachable" in result["vllm_hit_rate_source"]      # echo logs no vLLM stats
+
+
+def test_micro_reports_each_policy_against_least_loaded(tmp_path):
+    result = run("--micro", "--micro-requests", "300", "--micro-repeats", "1", out=tmp_path / "micro.json")
+    assert set(result["policies"]) == POLICIES
+    assert result["policies"]["least_loaded"]["ratio_to_least_loaded"] == 1.0
+    assert all(row["dispatcher_us_per_request"] > 0 for row in result["policies"].values())
