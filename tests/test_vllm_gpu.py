@@ -233,3 +233,30 @@ def test_cancel_aborts_inside_the_engine(pool):
     while pool.stats()["workers"][0]["in_flight"] and time.monotonic() < deadline:
         time.sleep(0.1)
     assert pool.stats()["workers"][0]["in_flight"] == 0
+
+
+def test_streamed_deltas_join_to_the_non_streamed_text(pool):
+    kwargs = dict(max_tokens=48, temperature=0.0, ignore_eos=True)
+    whole = pool.submit("Once upon a time", **kwargs).result(timeout=120)
+    stream = pool.stream("Once upon a time", **kwargs)
+    deltas = [d.texts[0] for d in stream]
+    assert len(deltas) > 3                                # per step, not one piece at the end
+    assert "".join(deltas) == whole.text == stream.result().text
+    assert stream.result().completion_tokens == 48
+
+
+def test_ready_reports_the_kv_cache_size(pool):
+    assert pool.stats()["workers"][0]["kv_cache_tokens"] > 0
+
+
+def test_two_workers_sharing_a_gpu_start_one_after_another_and_get_alike_caches(model_dir):
+    import mpdp
+
+    options = {k: v for k, v in OPTIONS.items() if k != "gpu_memory_utilization"}
+    options["gpu_memory_utilization"] = 0.3
+    with mpdp.Pool(model=model_dir, engine="vllm", gpus=[0, 0], engine_options=options,
+                   worker_logs="inherit") as p:
+        caches = [w["kv_cache_tokens"] for w in p.stats()["workers"]]
+        texts = [c.text for c in p.generate(["a b c"] * 8, max_tokens=4, temperature=0.0)]
+    assert len(set(texts)) == 1
+    assert min(caches) > 0.5 * max(caches), caches         # not 1.87M against 38k
