@@ -119,7 +119,7 @@ def main() -> None:
     args = ap.parse_args()
     result = {
         "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "python": platform.python_version(), "command": " ".join(["python"] + sys.argv),
+        "python": platform.python_version(), "command": " ".join(["python -m bench.overhead"] + sys.argv[1:]),
         "mpdp": bench_pool(args.batch, args.threaded, args.light),
         "process_pool_executor": bench_executor(args.batch, args.threaded, args.light),
     }
