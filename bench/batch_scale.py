@@ -5,7 +5,7 @@ process, and reads that process's own peak RSS from ``getrusage`` (the workers a
 apart: their peak is the largest worker's). Run at two sizes to see that the job's memory does
 not grow with the input (the reorder window, not the file, bounds it; ids cost 8 bytes each).
 
-    python bench/batch_scale.py --lines 100000,1000000 --json bench/results/batch-2core.json
+    python -m bench.batch_scale --lines 100000,1000000 --json bench/results/batch-2core.json
 """
 
 from __future__ import annotations

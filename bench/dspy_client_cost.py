@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """How many LM calls per second can one DSPy process drive? DSPy's own CPU per call, no engine.
 
-    python bench/dspy_client_cost.py --questions 2000 --threads 1,80,4096
+    python -m bench.dspy_client_cost --questions 2000 --threads 1,80,4096
 
 Runs the ``bench/dspy_eval.py`` program (ChainOfThought over synthetic sums) under
 ``dspy.Evaluate`` against an engine that answers at once with ~2,000 characters of random text
@@ -24,12 +24,9 @@ import time
 
 import dspy
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dspy_eval import make_adapter, make_devset, metric  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mpdp.integrations.dspy import completion_response  # noqa: E402
-from mpdp.requests import Completion  # noqa: E402
+from bench.dspy_eval import make_adapter, make_devset, metric
+from mpdp.integrations.dspy import completion_response
+from mpdp.requests import Completion
 
 _ALPHABET = ("abcdefghijklmnopqrstuvwxyz 的是不了人我在有他这为之大来以个中上们到说国和地也子时道出而要于"
              "就下得可你年生会自后过[]{}\":,.0123456789")

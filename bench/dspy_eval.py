@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """DSPy ChainOfThought evaluation throughput: mpdp pool vs. k OpenAI-compatible vLLM servers.
 
-    python bench/dspy_eval.py --variants mpdp1,mpdp4,server4 --threads 80,4096 --waves 2 --json out.json
+    python -m bench.dspy_eval --variants mpdp1,mpdp4,server4 --threads 80,4096 --waves 2 --json out.json
 
 Each thread count runs over max(--questions, --waves x threads) questions, so that a large thread
 count still has a steady state and not only a ramp-up and a drain.
@@ -30,11 +30,10 @@ from pathlib import Path
 
 import dspy
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import mpdp  # noqa: E402
-import mpdp.dspy  # noqa: E402
-from gpu_util import GpuUtilization  # noqa: E402  (bench/ is on the path when run as a script)
-from vllm_servers import VllmServers  # noqa: E402
+import mpdp
+import mpdp.dspy
+from bench.gpu_util import GpuUtilization
+from bench.vllm_servers import VllmServers
 
 REFERENCE = ("seed's reference (different machine/model, context only): "
              "1 GPU 5.0 questions/min, 4 GPUs 16.7 questions/min, 3.34x")

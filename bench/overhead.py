@@ -7,7 +7,7 @@ Measures, side by side with CPython's ProcessPoolExecutor doing the same echo on
   - light load: p50/p99 latency of one thread, one request at a time;
   - dispatcher CPU time per request (CPU clock of the dispatcher thread over the batch run).
 
-    python bench/overhead.py --json bench/overhead.json
+    python -m bench.overhead --json bench/overhead.json
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import mpdp  # noqa: E402
+import mpdp
 
 
 def echo(prompt: str) -> str:          # the executor's "engine"
@@ -120,7 +119,7 @@ def main() -> None:
     args = ap.parse_args()
     result = {
         "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "python": platform.python_version(), "command": " ".join(["python"] + sys.argv),
+        "python": platform.python_version(), "command": " ".join(["python -m bench.overhead"] + sys.argv[1:]),
         "mpdp": bench_pool(args.batch, args.threaded, args.light),
         "process_pool_executor": bench_executor(args.batch, args.threaded, args.light),
     }

@@ -1,6 +1,6 @@
 """Chart of bench/scaling.py's results: output tokens/s against GPUs, with the ideal linear line.
 
-    python bench/plot_scaling.py out/scaling-1.json [out/scaling-2.json ...] -o out/scaling.png \
+    python -m bench.plot_scaling out/scaling-1.json [out/scaling-2.json ...] -o out/scaling.png \
         [--markdown out/scaling.md]
 
 Several JSON files (runs on the same warm machine, split to fit a time limit) are merged: a later
@@ -15,8 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scaling import markdown_report  # noqa: E402  (stdlib only at import)
+from bench.scaling import markdown_report  # stdlib and mpdp only at import: no torch, no vLLM
 
 STYLES = {  # kind -> (label, matplotlib format, colour): the same colours in every panel
     "mpdp": ("mpdp Pool.generate", "o-", "tab:blue"),

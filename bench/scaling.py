@@ -2,8 +2,8 @@
 
 One run, one machine, every variant on the same requests:
 
-    python bench/scaling.py --gpus 4 --json out/scaling.json
-    python bench/scaling.py --variants bare,mpdp1,mpdp2,mpdp4,shard4,dspy4,serve4 --profiles fixed,heavy
+    python -m bench.scaling --gpus 4 --json out/scaling.json
+    python -m bench.scaling --variants bare,mpdp1,mpdp2,mpdp4,shard4,dspy4,serve4 --profiles fixed,heavy
 
 Workload: the Qwen3-8B-shaped model with random weights (load_format="dummy"), prompts of 256
 random token ids (fixed seed), temperature 0.6, top_p 0.95, ignore_eos, so every request
@@ -41,7 +41,6 @@ import multiprocessing
 import os
 import random
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -54,9 +53,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vllm_servers import VllmServers  # bench/ is on the path when run as a script
+from bench.vllm_servers import VllmServers
+from mpdp.launch.local import killpg, visible_gpus
 
-ROOT = Path(__file__).resolve().parent.parent
 SAMPLING = {"temperature": 0.6, "top_p": 0.95, "ignore_eos": True}
 WARMUP_REQUESTS_PER_GPU = 16
 
@@ -191,7 +190,6 @@ def host_main(conn, spec: dict) -> None:
     sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
     sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(spec["gpus"])   # before torch or vLLM load
-    sys.path.insert(0, str(ROOT))
     try:
         t0 = time.perf_counter()
         runner = RUNNERS[spec["kind"]](spec)
@@ -260,10 +258,7 @@ class Host:
             except Exception as exc:
                 log(f"host {self.name}: clean stop failed ({type(exc).__name__}); killing it")
         self.proc.join(15)
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)      # whatever is left of its group (engine cores)
-        except (ProcessLookupError, PermissionError):
-            pass
+        killpg(self.proc.pid)                             # whatever is left of its group (engine cores)
         self.proc.join(5)
 
 
@@ -684,17 +679,6 @@ def markdown_report(data: dict) -> str:
 
 
 # -- the machine ------------------------------------------------------------------------------------
-def visible_gpus() -> list[str]:
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is not None:
-        return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return [str(i) for i, line in enumerate(l for l in out.splitlines() if l.startswith("GPU "))]
-
-
 def gpu_names() -> list[str]:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],

@@ -13,7 +13,7 @@ streaming imap() over 2,000 prompts at a time; 2 threads that cancel what they s
 input that must be refused at submit. A killer SIGKILLs a random ready worker every
 ``--kill-every`` seconds (jittered).
 
-    python bench/soak.py --minutes 10 --json bench/results/soak-2core.json
+    python -m bench.soak --minutes 10 --json bench/results/soak-2core.json
 """
 
 from __future__ import annotations
@@ -33,8 +33,7 @@ from concurrent.futures import CancelledError, TimeoutError as FutureTimeout
 
 import psutil
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import mpdp  # noqa: E402
+import mpdp
 
 RESULT_WAIT_S = 60.0         # a request not resolved this long after the load stops counts as lost
 

@@ -25,6 +25,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from mpdp.launch.local import killpg
+
 SERVER = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
 
 
@@ -100,10 +102,7 @@ def stop_process_groups(procs: list[subprocess.Popen], grace_s: float = 30.0) ->
         try:
             p.wait(grace_s)
         except subprocess.TimeoutExpired:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            killpg(p.pid)
             p.wait(30)
 
 

@@ -3,15 +3,15 @@
 # project's root, in an environment where vLLM imports and $MPDP_GPU_MODELS names the folder
 # holding the benchmark model configs (qwen3-8b-shape/, smol/):
 #
-#   scripts/gpu_bench.sh OUT_DIR [all|test|bench|dspy] [bench/scaling.py or bench/dspy_eval.py flags ...]
+#   scripts/gpu_bench.sh OUT_DIR [all|test|bench|dspy] [bench.scaling or bench.dspy_eval flags ...]
 #
-#   all (default)  pytest -m gpu tests/test_vllm_gpu.py, then bench/scaling.py with what is
+#   all (default)  pytest -m gpu tests/test_vllm_gpu.py, then python3 -m bench.scaling with what is
 #                  left of the time budget (MPDP_BENCH_BUDGET_S, default 560 s for the whole
 #                  call, so that it fits a 10-minute job limit)
 #   test           only the tests
 #   bench          only the benchmark, e.g. the variants a first call had no time for:
 #                  scripts/gpu_bench.sh OUT bench --variants mpdp1:fixed,mpdp2:fixed
-#   dspy           only the DSPy program (bench/dspy_eval.py with the flags given), e.g.
+#   dspy           only the DSPy program (python3 -m bench.dspy_eval with the flags given), e.g.
 #                  scripts/gpu_bench.sh OUT dspy --variants mpdp4,server4 --threads 80,512,4096 --waves 2
 #
 # Writes into OUT_DIR: env.txt, pytest.log, scaling-N.json/.md/.log (N counts the calls),
@@ -44,7 +44,7 @@ if [ "$part" = dspy ]; then
   n=1; while [ -e "$out/dspy_eval-$n.json" ]; do n=$((n + 1)); done
   left=$((budget - SECONDS))
   echo "== DSPy program, budget ${left}s ($(date +%T))"
-  python3 bench/dspy_eval.py --json "$out/dspy_eval-$n.json" --log-dir "$out/dspy_eval-$n-logs" \
+  python3 -m bench.dspy_eval --json "$out/dspy_eval-$n.json" --log-dir "$out/dspy_eval-$n-logs" \
     --budget-s "$left" "$@" 2>&1 | tee "$out/dspy_eval-$n.log"
   rc=${PIPESTATUS[0]}
   echo "== done in ${SECONDS}s, exit $rc; results in $out"
@@ -62,10 +62,10 @@ if [ "$part" != test ]; then
   n=1; while [ -e "$out/scaling-$n.json" ]; do n=$((n + 1)); done
   left=$((budget - SECONDS))
   echo "== benchmark, budget ${left}s ($(date +%T))"
-  python3 bench/scaling.py --json "$out/scaling-$n.json" --budget-s "$left" "$@" 2>&1 | tee "$out/scaling-$n.log"
+  python3 -m bench.scaling --json "$out/scaling-$n.json" --budget-s "$left" "$@" 2>&1 | tee "$out/scaling-$n.log"
   bench_rc=${PIPESTATUS[0]}
   [ "$bench_rc" -ne 0 ] && rc=$bench_rc
-  python3 bench/plot_scaling.py "$out"/scaling-*.json -o "$out/scaling.png" --markdown "$out/scaling.md" || true
+  python3 -m bench.plot_scaling "$out"/scaling-*.json -o "$out/scaling.png" --markdown "$out/scaling.md" || true
 fi
 echo "== done in ${SECONDS}s, exit $rc; results in $out"
 exit $rc

@@ -1,4 +1,4 @@
-"""bench/batch_scale.py runs the real command line and checks its own output count (figures not asserted)."""
+"""``python -m bench.batch_scale`` runs the real command line and checks its own output count (figures not asserted)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.timeout(120)
 def test_batch_scale_reports_time_rate_and_rss(tmp_path):
     out = tmp_path / "batch.json"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "batch_scale.py"), "--lines", "500,2000",
+    proc = subprocess.run([sys.executable, "-m", "bench.batch_scale", "--lines", "500,2000",
                            "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=100,
                           env=dict(os.environ, PYTHONPATH=ROOT))
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -18,8 +18,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_script(name: str, *args: str, tmp_path) -> dict:
+    """``python -m bench.<name>`` from the repository root, as the docstrings say to run it."""
     out = tmp_path / f"{name}.json"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", name), *args, "--json", str(out)],
+    proc = subprocess.run([sys.executable, "-m", f"bench.{name}", *args, "--json", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=240,
                           env=dict(os.environ, PYTHONPATH=ROOT))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -31,7 +32,7 @@ def test_dspy_eval_adapters_and_waves(tmp_path, no_child_left):
     parse); ``--waves`` sizes each thread count's question set; every call reaches the pool."""
     rows = {}
     for adapter in ("chat", "chat+json"):
-        result = run_script("dspy_eval.py", "--engine", "echo", "--model", "echo", "--variants", "mpdp2",
+        result = run_script("dspy_eval", "--engine", "echo", "--model", "echo", "--variants", "mpdp2",
                             "--threads", "4,50", "--waves", "3", "--questions", "60", "--adapter", adapter,
                             tmp_path=tmp_path)
         assert result["skipped"] == []
@@ -46,7 +47,7 @@ def test_dspy_eval_adapters_and_waves(tmp_path, no_child_left):
 
 
 def test_dspy_client_cost_counts_every_call(tmp_path):
-    result = run_script("dspy_client_cost.py", "--questions", "40", "--threads", "1,8", "--chars", "300",
+    result = run_script("dspy_client_cost", "--questions", "40", "--threads", "1,8", "--chars", "300",
                         tmp_path=tmp_path)
     got = {(r["adapter"], r["threads"]): r for r in result["rows"]}
     assert set(got) == {("chat", 1), ("chat", 8), ("chat+json", 1), ("chat+json", 8)}
@@ -64,11 +65,7 @@ def test_gpu_utilization_parses_nvidia_smi_samples(tmp_path, monkeypatch):
                     f"touch {printed}\nexec sleep 30\n")
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    try:
-        from gpu_util import GpuUtilization
-    finally:
-        sys.path.remove(os.path.join(ROOT, "bench"))
+    from bench.gpu_util import GpuUtilization
     with GpuUtilization(interval_ms=100) as util:
         wait_until(printed.exists, timeout=30, what="the fake nvidia-smi to print")
     assert util.summary() == {"0": {"mean": 70.0, "median": 70.0, "samples": 3},

@@ -4,15 +4,13 @@ with its log, and nothing left behind — the engine-core child included."""
 
 from __future__ import annotations
 
-import os
 import sys
 import textwrap
 
 import psutil
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-from vllm_servers import VllmServers, cli_flags  # noqa: E402
+from bench.vllm_servers import VllmServers, cli_flags
 
 FAKE_SERVER = textwrap.dedent('''
     """Answers like vLLM's api_server: --help, /health, /metrics; forks an "engine core" child."""

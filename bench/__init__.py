@@ -1,0 +1,1 @@
+"""Benchmarks of mpdp. Run each from the repository root as a module: ``python -m bench.overhead``."""
