@@ -324,13 +324,14 @@ async def _handle(request: Request, state: ServerState, kind: str) -> Response:
         k = len(p.inputs)
         await state.admission.take(k)
         try:
-            state.metrics.observe_queue(time.monotonic() - arrived)
+            queued = time.monotonic() - arrived     # observed once the pool took the request
             if p.stream:
                 held = _Streams(state, await _open_streams(state, p), k)
+                state.metrics.observe_queue(queued)
                 ended = True           # from here the response (or its body) lets go
                 return _SSEResponse(_events(state, p, held, arrived), held.close, media_type="text/event-stream",
                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            return await _answer(request, state, p, arrived)
+            return await _answer(request, state, p, arrived, queued)
         finally:
             if not ended:
                 state.admission.give(k)
@@ -365,7 +366,8 @@ async def _open_streams(state: ServerState, p: shapes.Parsed) -> list:
     return streams
 
 
-async def _answer(request: Request, state: ServerState, p: shapes.Parsed, arrived: float) -> Response:
+async def _answer(request: Request, state: ServerState, p: shapes.Parsed, arrived: float,
+                  queued: float) -> Response:
     """A non-streamed request: the pool's answers, unless the client leaves first (then abort)."""
     tasks = [asyncio.ensure_future(state.pool.asubmit(**_pool_kwargs(state, p, inp))) for inp in p.inputs]
     results = tasks[0] if len(tasks) == 1 else asyncio.gather(*tasks)
@@ -384,6 +386,7 @@ async def _answer(request: Request, state: ServerState, p: shapes.Parsed, arrive
     finally:
         gone.cancel()
     seconds = time.monotonic() - arrived
+    state.metrics.observe_queue(queued)
     for c in completions:
         state.metrics.observe_done(c, seconds)
     return _json(shapes.response(p, shapes.new_id(p.kind), int(time.time()), completions))
