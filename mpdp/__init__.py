@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = ["Pool", "PoolConfig", "SamplingParams", "Stream", "Delta", "Completion", "DEFAULT_MODEL", "Transport", "CurveKeys", "MpdpError", "PoolClosed",
            "PoolBroken", "WorkerStartError", "WorkerCrashed", "RequestTimeout", "EngineError",
-           "ContextWindowExceededError", "ProtocolError", "vLLMOfflineMultiGPU", "vLLMOffline"]
+           "ContextWindowExceededError", "ProtocolError", "vLLMOfflineMultiGPU", "vLLMOffline", "serve", "create_app"]
 
 
 def __getattr__(name):
@@ -24,4 +24,8 @@ def __getattr__(name):
     if name in ("vLLMOfflineMultiGPU", "vLLMOffline"):
         from mpdp import compat
         return getattr(compat, name)
+    # The HTTP server, imported on first use (it pulls in FastAPI, uvicorn, prometheus_client).
+    if name in ("serve", "create_app"):
+        from mpdp import server
+        return getattr(server, name)
     raise AttributeError(f"module 'mpdp' has no attribute {name!r}")

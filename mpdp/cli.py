@@ -14,6 +14,7 @@ import sys
 
 SUBCOMMANDS = {
     "generate": "mpdp.batch",
+    "serve": "mpdp.server.cli",
 }
 
 

@@ -1,0 +1,473 @@
+"""The routes: ``create_app(pool, ...)`` returns a FastAPI (ASGI) app over a running ``mpdp.Pool``.
+
+One HTTP request's path: the body is parsed into pool calls (``openai_shapes.parse``); the
+request waits for room (``_Admission``: an asyncio semaphore of the pool's ``max_pending``, so a
+full pool holds requests on the event loop, never on threads, bounded by ``queue_timeout``, and
+never drops one); then ``pool.asubmit`` (or ``pool.astream`` for ``stream: true``) per prompt.
+The pool checks every value and raises ValueError/TypeError naming the field: a 400 with that
+``param``. Streams go out as server-sent events of the engines' own deltas. A client that goes
+away cancels its pool futures, which aborts the requests inside their engines: non-streamed
+requests race the pool's answer against ``http.disconnect``; streamed ones always listen for it
+(``_SSEResponse``), whatever ASGI version the server speaks.
+
+``ServerState.begin_drain()`` (called on SIGTERM by ``lifecycle``) makes ``/health`` answer 503
+and new requests 503 while the requests in flight finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+from functools import partial
+from typing import Any
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mpdp import errors
+from mpdp.server import openai_shapes as shapes
+from mpdp.server.metrics import PoolCollector, RequestMetrics
+from mpdp.server.openai_shapes import APIError
+
+MAX_BODY_BYTES = 32 << 20          # the pool refuses requests over half a wire frame anyway
+DEFAULT_QUEUE_TIMEOUT = 600.0
+
+
+def _json(obj: Any, status: int = 200) -> Response:
+    return Response(json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode(), status,
+                    media_type="application/json")
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+_DONE = b"data: [DONE]\n\n"
+
+
+class _SSEResponse(StreamingResponse):
+    """A StreamingResponse that always listens for ``http.disconnect`` and cancels the stream
+    when it comes. (Starlette stops listening for servers that speak ASGI 2.4 and notices a
+    gone client only at its next write: a request the engine holds without output would then
+    stay in the engine until it finished.)"""
+
+    def __init__(self, content, on_close, **kwargs):
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            async with anyio.create_task_group() as group:
+                async def run_then_cancel(func) -> None:
+                    await func()
+                    group.cancel_scope.cancel()
+
+                group.start_soon(run_then_cancel, partial(self.stream_response, send))
+                await run_then_cancel(partial(self.listen_for_disconnect, receive))
+        finally:
+            self.on_close()      # also when the body never started (the client left at once)
+
+
+class _Streams:
+    """A streamed request's pool streams and what it holds (room, in-flight count); ``close``
+    (idempotent) aborts what has not finished and gives the rest back."""
+
+    def __init__(self, state: "ServerState", streams: list, k: int):
+        self.state, self.streams, self.k = state, streams, k
+        self.closed = False
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for s in self.streams:
+            if not s.future.done():
+                s.cancel()                 # aborts it in its engine
+        self.state.admission.give(self.k)
+        self.state.end()
+
+
+class _Admission:
+    """Room for requests, on the event loop: at most the pool's ``max_pending`` taken at once."""
+
+    def __init__(self, size: int, timeout: float | None):
+        self.size, self.timeout = size, timeout
+        self.waiting = 0
+        self._room: asyncio.Semaphore | None = None
+
+    @property
+    def room(self) -> asyncio.Semaphore:
+        if self._room is None:                 # made in the serving loop, not at import
+            self._room = asyncio.Semaphore(self.size)
+        return self._room
+
+    async def take(self, k: int) -> None:
+        room, taken = self.room, 0
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        self.waiting += k
+        try:
+            for _ in range(k):
+                if room.locked():
+                    left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    await asyncio.wait_for(room.acquire(), left)
+                else:
+                    await room.acquire()           # free room: returns without suspending
+                taken += 1
+        except asyncio.TimeoutError:
+            self.give(taken)
+            raise APIError(503, f"the pool stayed full for queue_timeout={self.timeout:g}s",
+                           "service_unavailable_error", None, "queue_timeout") from None
+        except BaseException:
+            self.give(taken)
+            raise
+        finally:
+            self.waiting -= k
+
+    def give(self, k: int) -> None:
+        for _ in range(k):
+            self.room.release()
+
+
+class ServerState:
+    """What the routes share: the pool, names, key, metrics, admission, and the drain."""
+
+    def __init__(self, pool, served: list[str], api_key: str | None, request_timeout: float | None,
+                 queue_timeout: float | None, registry: CollectorRegistry):
+        self.pool = pool
+        self.served = served
+        self.api_key = api_key
+        self.request_timeout = request_timeout
+        self.admission = _Admission(pool.max_pending, queue_timeout)
+        self.registry = registry
+        self.metrics = RequestMetrics(registry)
+        registry.register(PoolCollector(pool, lambda: self.admission.waiting))
+        self.draining = False
+        self.in_flight = 0
+        self._idle: asyncio.Event | None = None
+
+    # -- the drain -----------------------------------------------------------------------------
+    def begin(self) -> None:
+        if self.draining:
+            raise APIError(503, "the server is shutting down; no new requests", "service_unavailable_error",
+                           None, "shutting_down")
+        self.in_flight += 1
+
+    def end(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0 and self._idle is not None:
+            self._idle.set()
+
+    def begin_drain(self) -> None:
+        self.draining = True
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is in flight (True) or ``timeout`` passed (False)."""
+        if self.in_flight == 0:
+            return True
+        self._idle = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    # -- checks ---------------------------------------------------------------------------------
+    def check_key(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        auth = request.headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise APIError(401, "missing or incorrect API key (send 'Authorization: Bearer <key>')",
+                           "invalid_request_error", None, "invalid_api_key")
+
+
+def create_app(pool, served_model_names: list[str] | str | None = None, *, api_key: str | None = None,
+               request_timeout: float | None = None, queue_timeout: float | None = DEFAULT_QUEUE_TIMEOUT,
+               registry: CollectorRegistry | None = None) -> FastAPI:
+    """An OpenAI-compatible ASGI app over ``pool`` (which the caller keeps and closes).
+
+    ``served_model_names``: the names clients put in ``model`` (default: the pool's model as
+    given). ``api_key``: required as ``Authorization: Bearer`` on ``/v1/*`` (``/health`` and
+    ``/metrics`` stay open, as in vLLM). ``request_timeout``: each pool request's ``timeout``.
+    ``queue_timeout``: how long a request may wait for room in a full pool (then 503).
+    ``registry``: where the metrics go (default: a registry of this app's own).
+    """
+    if isinstance(served_model_names, str):
+        served_model_names = [served_model_names]
+    served = list(served_model_names or [pool.config.model])
+    state = ServerState(pool, served, api_key, request_timeout, queue_timeout, registry or CollectorRegistry())
+    app = FastAPI(title="mpdp", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.mpdp = state
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError):
+        return _json(exc.body(), exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _json(shapes.error_body(str(exc.detail), kind, None, None), exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, exc: Exception):
+        return _json(shapes.error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"), 500)
+
+    @app.get("/health")
+    async def health():
+        status, body = await asyncio.to_thread(_health, state)
+        return _json(body, status)
+
+    @app.get("/metrics")
+    async def metrics():
+        text = await asyncio.to_thread(generate_latest, state.registry)
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        state.check_key(request)
+        stats = await asyncio.to_thread(pool.stats)
+        lens = [w["max_model_len"] for w in stats.get("workers", []) if w.get("max_model_len")]
+        return _json(shapes.models_body(served, pool.config.model, min(lens) if lens else None))
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await _handle(request, state, shapes.CHAT)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await _handle(request, state, shapes.COMPLETION)
+
+    return app
+
+
+def _health(state: ServerState) -> tuple[int, dict]:
+    stats = state.pool.stats()
+    workers = [{"index": w["index"], "state": w["state"], "pid": w.get("pid"), "restarts": w.get("restarts", 0),
+                "in_flight": w.get("in_flight", 0)} for w in stats.get("workers", [])]
+    pool_state = stats.get("state", state.pool.state)
+    if state.draining or pool_state == "draining":
+        status = "draining"
+    elif pool_state in ("broken", "closed"):
+        status = pool_state
+    elif pool_state == "starting":
+        status = "starting"
+    elif workers and all(w["state"] == "ready" for w in workers):
+        status = "ready"
+    else:
+        status = "degraded"                # a worker is restarting: not every worker serves
+    return (200 if status == "ready" else 503), {"status": status, "pool": pool_state, "workers": workers}
+
+
+async def _body(request: Request) -> Any:
+    size = request.headers.get("content-length")
+    if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
+        raise APIError(413, f"the request body is over {MAX_BODY_BYTES} bytes")
+    raw = await request.body()
+    if len(raw) > MAX_BODY_BYTES:
+        raise APIError(413, f"the request body is over {MAX_BODY_BYTES} bytes")
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise shapes.bad(f"the request body is not valid JSON: {exc}") from None
+
+
+def _api_error(exc: BaseException, p: shapes.Parsed | None) -> APIError:
+    """An exception of the pool (at submit, or the request's own failure) as an HTTP error."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, errors.ContextWindowExceededError):
+        param = "messages" if p is not None and p.kind == shapes.CHAT else "prompt"
+        return shapes.bad(str(exc), param, "context_length_exceeded")
+    if isinstance(exc, (errors.PoolClosed, errors.PoolBroken)):
+        return APIError(503, f"the pool cannot take requests: {_first_line(exc)}", "service_unavailable_error",
+                        None, "pool_unavailable")
+    if isinstance(exc, errors.RequestTimeout):
+        return APIError(504, str(exc), "timeout_error", None, "request_timeout")
+    if isinstance(exc, (ValueError, TypeError)):
+        return shapes.bad(str(exc), shapes.param_of(str(exc), p.renames if p else None))
+    return APIError(500, f"{type(exc).__name__}: {_first_line(exc)}", "server_error")
+
+
+def _failure_kind(err: APIError) -> str:
+    if err.code == "context_length_exceeded":
+        return "context_length"
+    if err.status == 503:
+        return "unavailable"
+    if err.status == 504:
+        return "timeout"
+    return "bad_request" if err.status < 500 else "server_error"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+async def _handle(request: Request, state: ServerState, kind: str) -> Response:
+    arrived = time.monotonic()
+    state.check_key(request)
+    p = None
+    try:
+        p = shapes.parse(await _body(request), kind, state.served)
+        state.begin()
+    except APIError as err:
+        state.metrics.observe_failure(_failure_kind(err))
+        raise
+    ended = False
+    try:
+        k = len(p.inputs)
+        await state.admission.take(k)
+        try:
+            queued = time.monotonic() - arrived     # observed once the pool took the request
+            if p.stream:
+                held = _Streams(state, await _open_streams(state, p), k)
+                state.metrics.observe_queue(queued)
+                ended = True           # from here the response (or its body) lets go
+                return _SSEResponse(_events(state, p, held, arrived), held.close, media_type="text/event-stream",
+                                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return await _answer(request, state, p, arrived, queued)
+        finally:
+            if not ended:
+                state.admission.give(k)
+    except APIError as err:
+        state.metrics.observe_failure(_failure_kind(err))
+        raise
+    except (asyncio.CancelledError, GeneratorExit):
+        state.metrics.observe_failure("aborted")
+        raise
+    except Exception as exc:
+        err = _api_error(exc, p)
+        state.metrics.observe_failure(_failure_kind(err))
+        raise err from exc
+    finally:
+        if not ended:
+            state.end()
+
+
+def _pool_kwargs(state: ServerState, p: shapes.Parsed, inp: dict) -> dict:
+    return {**inp, "timeout": state.request_timeout, **p.sampling}
+
+
+async def _open_streams(state: ServerState, p: shapes.Parsed) -> list:
+    streams = []
+    try:
+        for inp in p.inputs:
+            streams.append(await state.pool.astream(**_pool_kwargs(state, p, inp)))
+    except BaseException:
+        for s in streams:
+            s.cancel()
+        raise
+    return streams
+
+
+async def _answer(request: Request, state: ServerState, p: shapes.Parsed, arrived: float,
+                  queued: float) -> Response:
+    """A non-streamed request: the pool's answers, unless the client leaves first (then abort)."""
+    tasks = [asyncio.ensure_future(state.pool.asubmit(**_pool_kwargs(state, p, inp))) for inp in p.inputs]
+    results = tasks[0] if len(tasks) == 1 else asyncio.gather(*tasks)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait((results, gone), return_when=asyncio.FIRST_COMPLETED)
+        if results not in done:        # cancelling a task that awaits a pool future aborts the request
+            raise asyncio.CancelledError("the client disconnected")
+        completions = [results.result()] if len(tasks) == 1 else results.result()
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        if isinstance(results, asyncio.Future) and not results.done():
+            results.cancel()
+        raise
+    finally:
+        gone.cancel()
+    seconds = time.monotonic() - arrived
+    state.metrics.observe_queue(queued)
+    for c in completions:
+        state.metrics.observe_done(c, seconds)
+    return _json(shapes.response(p, shapes.new_id(p.kind), int(time.time()), completions))
+
+
+async def _disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _events(state: ServerState, p: shapes.Parsed, held: _Streams, arrived: float):
+    """The SSE body: a role chunk per choice (chat), each engine delta as it comes, the finish
+    reason with the last text, a usage chunk when asked, ``[DONE]``. An error after the stream
+    began is one ``data: {"error": ...}`` event (as vLLM sends it), then ``[DONE]``."""
+    rid, created, n, streams = shapes.new_id(p.kind), int(time.time()), p.n, held.streams
+    first: float | None = None
+    completions: list = [None] * len(streams)
+    try:
+        if p.kind == shapes.CHAT:
+            for j in range(n):
+                yield _sse(shapes.chunk(p, rid, created, j, "", role=True))
+        async for i, delta in _merged(streams):
+            if delta.finished:
+                c = completions[i] = await asyncio.wrap_future(streams[i].future)
+                for j, text in enumerate(delta.texts):
+                    if text and first is None:
+                        first = time.monotonic()
+                    reason = shapes.finish_reason(c.finish_reasons[j] if j < len(c.finish_reasons) else "")
+                    yield _sse(shapes.chunk(p, rid, created, i * n + j, text, reason,
+                                            shapes.choice_logprobs(p, c, j)))
+                continue
+            for j, text in enumerate(delta.texts):
+                if text:
+                    if first is None:
+                        first = time.monotonic()
+                    yield _sse(shapes.chunk(p, rid, created, i * n + j, text))
+        if p.include_usage:
+            yield _sse(shapes.usage_chunk(p, rid, created, completions))
+        yield _DONE
+        now = time.monotonic()
+        for c in completions:
+            state.metrics.observe_done(c, now - arrived, None if first is None else first - arrived)
+    except (asyncio.CancelledError, GeneratorExit, anyio.get_cancelled_exc_class()):
+        state.metrics.observe_failure("aborted")       # the client left: the streams abort below
+        raise
+    except Exception as exc:
+        err = _api_error(exc, p)
+        state.metrics.observe_failure(_failure_kind(err))
+        yield _sse(err.body())
+        yield _DONE
+    finally:
+        held.close()
+
+
+async def _merged(streams: list):
+    """``(i, delta)`` from each stream as they come; one stream (the usual case) is read directly."""
+    if len(streams) == 1:
+        async for delta in streams[0]:
+            yield 0, delta
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, s):
+        try:
+            async for delta in s:
+                await queue.put((i, delta, None))
+        except BaseException as exc:           # noqa: B036 - handed to the reader, which raises it
+            await queue.put((i, None, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        left = len(streams)
+        while left:
+            i, delta, exc = await queue.get()
+            if exc is not None:
+                raise exc
+            yield i, delta
+            if delta.finished:
+                left -= 1
+    finally:
+        for t in tasks:
+            t.cancel()

@@ -1,0 +1,159 @@
+"""``mpdp serve``: the whole pool as one OpenAI-compatible endpoint.
+
+Its top level imports nothing heavy (``mpdp --help`` imports every subcommand module).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import sys
+
+HELP = "serve a pool over an OpenAI-compatible HTTP API (chat, completions, streaming, /metrics)"
+EPILOG = """\
+endpoints:
+  POST /v1/chat/completions, POST /v1/completions, GET /v1/models   (need the API key when one is set)
+  GET /health (200 once every worker is ready; 503 while starting, restarting, broken or draining)
+  GET /metrics (Prometheus; vLLM's names with an mpdp: prefix)
+
+security: binds 127.0.0.1 unless --host says otherwise; any other address needs --api-key
+(or MPDP_API_KEY in the environment) or an explicit --allow-unauthenticated.
+
+stopping: SIGTERM/SIGINT drain (health and new requests answer 503) for up to --shutdown-grace
+seconds, then cancel what is left, stop every worker and exit 0; a second signal cancels at once.
+exit codes: 0 a clean stop, 1 the workers did not start, 2 a usage mistake.
+"""
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number (0 picks a free one), got {value}")
+    return value
+
+
+def _option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"wants KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value                      # a bare string, e.g. dtype=float16
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from mpdp.engines import ENGINES          # a dict of names: imports no engine
+    from mpdp.models import DEFAULT_MODEL
+
+    pool = p.add_argument_group("pool")
+    pool.add_argument("--model", default=DEFAULT_MODEL, help="model name or local folder (default: %(default)s)")
+    pool.add_argument("--engine", default=None, choices=sorted(ENGINES),
+                      help="engine (default: vllm when installed and a GPU is visible, else hf)")
+    count = pool.add_mutually_exclusive_group()
+    count.add_argument("--num-workers", type=_positive, default=None, metavar="N",
+                       help="CPU workers for the hf/echo engines (default: the CPU count, at most 4)")
+    count.add_argument("--num-gpus", type=_positive, default=None, metavar="N",
+                       help="GPUs for the vllm engine (default: every visible GPU)")
+    pool.add_argument("--tensor-parallel-size", type=_positive, default=1, metavar="N",
+                      help="GPUs per worker (default: %(default)s)")
+    pool.add_argument("--engine-option", action="append", default=[], type=_option, metavar="KEY=JSON",
+                      help="engine option, e.g. max_model_len=4096 (repeatable)")
+    pool.add_argument("--routing", default="least_loaded", choices=("least_loaded", "prefix_affinity"),
+                      help="how requests are placed on workers (default: %(default)s)")
+    pool.add_argument("--max-pending", type=_positive, default=100_000, metavar="N",
+                      help="requests the pool holds at once; more wait for room (default: %(default)s)")
+    pool.add_argument("--max-tokens", type=_positive, default=None, metavar="N",
+                      help="default max_tokens of a request that gives none (default: the engine's)")
+
+    http = p.add_argument_group("http")
+    http.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    http.add_argument("--port", type=_port, default=8000, help="port (default: %(default)s; 0: a free one)")
+    http.add_argument("--api-key", default=os.environ.get("MPDP_API_KEY"), metavar="KEY",
+                      help="require 'Authorization: Bearer KEY' on /v1/* (default: $MPDP_API_KEY)")
+    http.add_argument("--allow-unauthenticated", action="store_true",
+                      help="allow binding a non-loopback address without an API key")
+    http.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                      help="the model name(s) clients send (default: --model as given)")
+    http.add_argument("--request-timeout", type=_seconds, default=None, metavar="SECONDS",
+                      help="fail (504) and abort a request running longer (default: none)")
+    http.add_argument("--queue-timeout", type=_seconds, default=600.0, metavar="SECONDS",
+                      help="how long a request may wait for room in a full pool, then 503 (default: %(default)s)")
+    http.add_argument("--shutdown-grace", type=float, default=30.0, metavar="SECONDS",
+                      help="on SIGTERM/SIGINT, how long in-flight requests may finish (default: %(default)s)")
+    http.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
+                      help="uvicorn's log level (default: %(default)s)")
+    http.add_argument("--access-log", action="store_true", help="log every HTTP request")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False                           # a name: it may resolve to anything
+
+
+def _say(message: str) -> None:
+    print(f"mpdp serve: {message}", file=sys.stderr, flush=True)
+
+
+def run(args) -> int:
+    if not _loopback(args.host):
+        if not args.api_key and not args.allow_unauthenticated:
+            print(f"mpdp serve: error: --host {args.host} is not a loopback address: give --api-key "
+                  "(or set MPDP_API_KEY), or --allow-unauthenticated to serve anyone who can reach it",
+                  file=sys.stderr)
+            return 2
+        if args.api_key:
+            _say(f"binding {args.host}: every /v1 request needs the API key")
+        else:
+            _say(f"WARNING: binding {args.host} WITHOUT an API key: anyone who can reach it can use the pool")
+    elif args.api_key:
+        _say("every /v1 request needs the API key")
+    if args.shutdown_grace < 0:
+        print("mpdp serve: error: --shutdown-grace must be >= 0", file=sys.stderr)
+        return 2
+
+    from mpdp import errors
+    from mpdp.pool import Pool
+    from mpdp.server.lifecycle import serve
+
+    sampling = {"max_tokens": args.max_tokens} if args.max_tokens else {}
+    try:
+        # wait_ready=False: the HTTP server is up (and /health says "starting") while engines load.
+        pool = Pool(args.model, engine=args.engine, num_workers=args.num_workers, num_gpus=args.num_gpus,
+                    tensor_parallel_size=args.tensor_parallel_size, engine_options=dict(args.engine_option),
+                    routing=args.routing, max_pending=args.max_pending, wait_ready=False, **sampling)
+    except (ValueError, TypeError, OSError, RuntimeError) as exc:
+        print(f"mpdp serve: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, (ValueError, TypeError)) else 1
+    except errors.MpdpError as exc:
+        print(f"mpdp serve: error: the workers did not start: {exc}", file=sys.stderr)
+        return 1
+    _say(f"starting {pool.num_workers} {pool.engine} workers ({args.model})")
+    try:
+        return serve(pool, args.host, args.port, served_model_names=args.served_model_name or [args.model],
+                     api_key=args.api_key, grace=args.shutdown_grace, close_pool=True, log_level=args.log_level,
+                     access_log=args.access_log, request_timeout=args.request_timeout,
+                     queue_timeout=args.queue_timeout)
+    except SystemExit as exc:                  # uvicorn could not bind the port
+        pool.close(wait=False)
+        return exc.code if isinstance(exc.code, int) else 1

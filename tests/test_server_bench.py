@@ -1,0 +1,38 @@
+"""The server's benchmark scripts run (tiny sizes) and report what they claim to measure."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from test_server_support import ROOT, ServerProcess
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def test_serve_vs_vllm_against_the_echo_server(tmp_path):
+    s = ServerProcess("--engine", "echo", "--num-workers", "1", "--served-model-name", "m", tmp_path=tmp_path)
+    try:
+        out = tmp_path / "load.json"
+        r = subprocess.run([sys.executable, "bench/serve_vs_vllm.py", "--base-url", s.base, "--model", "m",
+                            "--concurrency", "8", "--requests", "32", "--max-tokens", "40", "--json", str(out)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        figures = json.loads(out.read_text())
+        assert figures["failures"] == 0 and figures["output_tokens"] == 32 * 40
+        assert figures["output_tokens_per_s"] > 0 and figures["ttft_p50_ms"] <= figures["ttft_p99_ms"]
+    finally:
+        assert s.stop() == 0
+
+
+def test_http_overhead_runs(tmp_path):
+    out = tmp_path / "overhead.json"
+    r = subprocess.run([sys.executable, "bench/http_overhead.py", "--requests", "200", "--concurrency", "1", "4",
+                        "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=200)
+    assert r.returncode == 0, r.stderr
+    figures = json.loads(out.read_text())
+    assert set(figures["http"]) == {"plain-1", "plain-4", "stream-1", "stream-4"}
+    assert all(figures["direct"][c]["requests_per_s"] > 0 for c in ("1", "4"))
