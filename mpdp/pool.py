@@ -92,24 +92,32 @@ class Pool:
         slots = self._plan(engine_cls, config, options)
         self.model = resolve_model(self.engine, config.model, options)
         self.num_workers = len(slots)
-        if isinstance(transport, str):
-            transport = Transport(kind=config.transport, host=config.transport_host, port=config.transport_port)
+        launcher = make_launcher(config)
+        if isinstance(transport, str):       # workers elsewhere connect over tcp (always Curve) to bind_host
+            remote = config.launcher != "local"
+            transport = Transport(kind="tcp" if remote else config.transport,
+                                  host=launcher.bind_host if remote else config.transport_host,
+                                  port=config.transport_port)
         self._policy = POLICIES[config.routing]()
         self._admission = admission = Admission(config.max_pending)
         launch = LaunchConfig(self.engine, self.model, options, config.heartbeat_interval,
                               config.dispatcher_timeout, dict(config.worker_env))
 
         def supervisor(endpoint: str) -> Supervisor:
-            return Supervisor(slots, launch, make_launcher(config), endpoint, transport.curve,
+            return Supervisor(slots, launch, launcher, endpoint, transport.curve,
                               [transport.folder] if transport.folder else [])
 
-        self._dispatcher = d = Dispatcher(
-            supervisor, transport, Scheduler(self._policy, max_batch=config.max_batch,
-                                             max_crashes=config.max_crashes), admission,
-            heartbeat_interval=config.heartbeat_interval,
-            heartbeat_timeout=config.heartbeat_timeout or engine_cls.heartbeat_timeout,
-            ready_timeout=config.ready_timeout or engine_cls.ready_timeout,
-            shutdown_timeout=config.shutdown_timeout)
+        try:
+            self._dispatcher = d = Dispatcher(
+                supervisor, transport, Scheduler(self._policy, max_batch=config.max_batch,
+                                                 max_crashes=config.max_crashes), admission,
+                heartbeat_interval=config.heartbeat_interval,
+                heartbeat_timeout=config.heartbeat_timeout or engine_cls.heartbeat_timeout,
+                ready_timeout=config.ready_timeout or engine_cls.ready_timeout,
+                shutdown_timeout=config.shutdown_timeout)
+        except BaseException:          # the endpoint could not be bound: nothing may stay behind
+            launcher.close()
+            raise
         # Runs on close(), garbage collection or interpreter exit; holds no reference to the pool.
         self._finalizer = weakref.finalize(self, _shutdown, d, False, 10.0, self._owner_pid)
         if config.wait_ready:

@@ -1,0 +1,379 @@
+"""Workers on a Ray cluster: one Ray actor per worker, each in a placement group of its own.
+
+``Pool(..., launcher="ray", ray_address=...)`` (or a Ray already initialised in this process)
+keeps everything but the placement in the caller's process: the dispatcher, the scheduler,
+recovery. Each worker slot gets, per incarnation, a placement group of one bundle
+(``{"GPU": tensor_parallel_size, "CPU": 1}`` for GPU engines, so a tensor-parallel group's
+GPUs are on one node; ``{"CPU": 1}`` for CPU engines; ``MPDP_RAY_RESOURCES`` replaces it,
+e.g. ``'{"CPU": 1, "accel": 1}'`` to place by a custom resource), and a small actor in it.
+
+Why the actor does not run the worker loop itself: the actor *starts the same worker process
+a local launcher starts* (``python -c`` bootstrap, its own process group) and watches it.
+A worker kills its whole process group when it gives up (dispatcher silent) or is killed,
+which inside a Ray worker process would reach Ray's own processes; engine subprocesses (vLLM's
+tensor-parallel workers) are reliably ended only through a group of their own; and the
+worker's environment (CUDA_VISIBLE_DEVICES, thread counts) must be set before anything
+initialises CUDA, which a long-lived Ray worker process cannot promise. The child watches its
+actor (``parent_pid`` = the actor's pid, on that node), so when Ray kills the actor (ray.kill,
+the job's driver died, OOM killer) the worker and its group go within a quarter second.
+
+Death is seen through Ray: a watcher thread per worker waits on the actor's ``wait()``
+ObjectRef; it returns the exit code when the process exits, and raises ``RayActorError`` when
+the actor dies (process crash, OOM kill, node lost). Either way the watcher releases the actor
+and its placement group first, then writes to a pipe whose read end is the handle's
+``sentinel``, so a restart finds the resources free. No orphans: a worker whose dispatcher
+goes silent (driver SIGKILLed, network partition) exits after ``dispatcher_timeout``, and Ray
+itself kills a dead driver's actors (they are not detached) and removes its placement groups.
+
+Placement never blocks the dispatcher thread: ``launch()`` only submits the placement group
+and the actor. A slot waits in STARTING until Ray finds room, bounded by the pool's
+``ready_timeout`` (then it is killed, and restarted with backoff). Only a slot's first start
+fails at once, with ``PlacementError`` (an ``OSError``), when no node of the cluster could ever
+hold its bundle; later restarts wait, since a node may join (or come back) meanwhile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from mpdp.launch.base import Launcher, WorkerHandle
+from mpdp.launch.local import _BOOTSTRAP, killpg
+from mpdp.worker.spec import WorkerSpec
+
+RESOURCES_ENV = "MPDP_RAY_RESOURCES"     # JSON: the resources of one worker's bundle
+KILL_GRACE_S = 3.0      # after kill(): how long the actor may take to end its worker before ray.kill
+WATCH_POLL_S = 0.2      # how often a watcher looks for a kill request (a death wakes it at once)
+_LOG_TAIL_BYTES = 16384
+
+
+class PlacementError(OSError):
+    """No node of the Ray cluster can hold a worker's bundle (the supervisor treats an OSError
+    from ``launch`` as a failed start: before the pool ran, the pool fails with it)."""
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError as exc:         # pragma: no cover - depends on the installation
+        raise ImportError("launcher='ray' needs Ray: pip install 'mpdp[ray]'") from exc
+    return ray
+
+
+# Ray is initialised once per process; a pool that initialised it shuts it down when the last
+# such pool closes. A Ray the caller initialised is left alone.
+_init_lock = threading.Lock()
+_our_users = 0
+
+
+def _acquire(address: str | None) -> bool:
+    global _our_users
+    ray = _ray()
+    with _init_lock:
+        if ray.is_initialized():
+            if _our_users:
+                _our_users += 1
+                return True
+            return False
+        ray.init(address=address, log_to_driver=False, include_dashboard=False)
+        _our_users = 1
+        return True
+
+
+def _release() -> None:
+    global _our_users
+    with _init_lock:
+        _our_users -= 1
+        if _our_users == 0:
+            _ray().shutdown()
+
+
+def worker_bundle(engine: str, engine_options: dict) -> dict[str, float]:
+    """The resources of one worker: ``MPDP_RAY_RESOURCES`` if set, else by the engine's kind."""
+    text = os.environ.get(RESOURCES_ENV)
+    if text:
+        try:
+            bundle = json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"{RESOURCES_ENV} must be a JSON object of resources: {exc}") from None
+        if not isinstance(bundle, dict) or not bundle or not all(
+                isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+                for k, v in bundle.items()):
+            raise ValueError(f"{RESOURCES_ENV} must map resource names to positive numbers, not {text!r}")
+        return {k: float(v) for k, v in bundle.items()}
+    from mpdp.engines import engine_class
+
+    if engine_class(engine).uses_gpu:
+        return {"CPU": 1.0, "GPU": float(engine_options.get("tensor_parallel_size", 1))}
+    return {"CPU": 1.0}
+
+
+class RayLauncher(Launcher):
+    name = "ray"
+
+    def __init__(self, config):
+        ray = _ray()
+        self._owns_ray = _acquire(config.ray_address)
+        self.cleanup_paths = []            # nothing on this machine for a remote worker to remove
+        # The workers connect to this machine as Ray's other nodes do: Ray's own address for it,
+        # unless the caller named one (a machine with several interfaces).
+        self.bind_host = (config.transport_host if config.transport_host != "127.0.0.1"
+                          else ray.util.get_node_ip_address())
+        self._handles: set[RayWorker] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def launch(self, spec: WorkerSpec, log_name: str) -> "RayWorker":
+        if self._closed:
+            raise OSError("the Ray launcher is closed")
+        bundle = worker_bundle(spec.engine, spec.engine_options)
+        if spec.incarnation == 0:
+            self._check_feasible(bundle)
+        spec = dataclasses.replace(
+            spec, parent_pid=None,          # the driver's pid means nothing on another node
+            cleanup_paths=[], num_threads=max(1, int(bundle.get("CPU", 1))))
+        handle = RayWorker(spec, bundle, self._forget)
+        with self._lock:
+            self._handles.add(handle)
+        return handle
+
+    def _check_feasible(self, bundle: dict[str, float]) -> None:
+        try:
+            nodes = [n for n in _ray().nodes() if n.get("Alive")]
+        except Exception as exc:            # the cluster is unreachable
+            raise PlacementError(f"cannot read the Ray cluster's nodes: {exc!r}") from exc
+        if not any(all(n.get("Resources", {}).get(k, 0.0) >= v for k, v in bundle.items()) for n in nodes):
+            have = "; ".join(f"{n.get('NodeManagerAddress')}: {n.get('Resources')}" for n in nodes) or "no nodes"
+            raise PlacementError(f"no node of the Ray cluster has {bundle} for one worker ({have}); "
+                                 f"set {RESOURCES_ENV} or add nodes")
+
+    def _forget(self, handle: "RayWorker") -> None:
+        with self._lock:
+            self._handles.discard(handle)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            handles = list(self._handles)
+        for h in handles:                   # normally none: stop_all killed and reaped them all
+            h.kill()
+        for h in handles:
+            h.join(KILL_GRACE_S + 2.0)
+            h.release()                     # if its watcher is stuck, release from here
+        if self._owns_ray:
+            self._owns_ray = False
+            _release()
+
+
+class _WorkerActor:
+    """Runs on a cluster node (made a Ray actor by ``RayWorker``): starts the worker process
+    and reports how it ended. Threaded (max_concurrency) so ``stop`` runs while ``wait`` waits."""
+
+    def __init__(self):
+        self.proc: subprocess.Popen | None = None
+        self.folder = tempfile.mkdtemp(prefix="mpdp-ray-")
+        self.log_path = os.path.join(self.folder, "worker.log")
+
+    def start(self, spec_json: str) -> dict:
+        import ray
+
+        spec = WorkerSpec.from_json(spec_json)
+        spec.parent_pid = os.getpid()       # the worker ends with this actor (see the module docstring)
+        spec.cleanup_paths = [self.folder]
+        gpu_ids = ray.get_gpu_ids()
+        if gpu_ids:                         # the GPUs Ray gave this actor; the worker pins itself to them
+            spec.gpus = [str(g) for g in gpu_ids]
+        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen([sys.executable, "-c", _BOOTSTRAP, package_root],
+                                         stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True, close_fds=True)
+        try:
+            self.proc.stdin.write(spec.to_json().encode())
+            self.proc.stdin.close()
+        except OSError:
+            killpg(self.proc.pid)
+            raise
+        ctx = ray.get_runtime_context()
+        return {"pid": self.proc.pid, "node_id": ctx.get_node_id(), "hostname": os.uname().nodename,
+                "node_ip": ray.util.get_node_ip_address()}
+
+    def wait(self) -> tuple[int, str]:
+        code = self.proc.wait()
+        killpg(self.proc.pid)               # what the worker's engine left in its group
+        tail = self._tail()
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
+        return code, tail
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            killpg(self.proc.pid)
+
+    def _tail(self) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - _LOG_TAIL_BYTES))
+                return f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+
+_actor_class = None
+
+
+def _remote_actor_class():
+    global _actor_class
+    if _actor_class is None:
+        _actor_class = _ray().remote(max_concurrency=4, max_restarts=0, max_task_retries=0)(_WorkerActor)
+    return _actor_class
+
+
+class RayWorker(WorkerHandle):
+    """One worker as a Ray actor in its placement group, watched by a thread of this process."""
+
+    def __init__(self, spec: WorkerSpec, bundle: dict[str, float], on_release):
+        ray = _ray()
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.spec = spec
+        self.bundle = bundle
+        self.pid = None
+        self.node = None
+        self.node_id: str | None = None
+        self.node_ip: str | None = None
+        self._exitcode: int | None = None
+        self._tail = ""
+        self._on_release = on_release
+        self._kill_at: float | None = None
+        self._done = threading.Event()
+        self._fd_lock = threading.Lock()
+        self._released = False
+        self._r, self._w = os.pipe()
+        name = f"mpdp-{spec.token}-w{spec.index}.{spec.incarnation}"
+        # One bundle: a tensor-parallel group's GPUs on one node (STRICT_PACK says so outright).
+        self.pg = placement_group([bundle], strategy="STRICT_PACK", name=name)
+        custom = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
+        try:
+            self.actor = _remote_actor_class().options(
+                name=name, num_cpus=bundle.get("CPU", 0.0), num_gpus=bundle.get("GPU", 0.0),
+                resources=custom or None,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=0),
+            ).remote()
+        except Exception as exc:
+            ray.util.remove_placement_group(self.pg)
+            self._close_fds()
+            raise OSError(f"could not create the worker's Ray actor: {exc!r}") from exc
+        self._thread = threading.Thread(target=self._watch, name=f"mpdp-ray-watch-{spec.index}", daemon=True)
+        self._thread.start()
+
+    # -- the watcher thread -----------------------------------------------------------------------
+    def _watch(self) -> None:
+        ray = _ray()
+        try:
+            info = self._await(self.actor.start.remote(self.spec.to_json()), stop=None)
+            if info is not None:
+                self.pid, self.node_id = info["pid"], info["node_id"]
+                self.node, self.node_ip = info["hostname"], info["node_ip"]
+                result = self._await(self.actor.wait.remote(), stop=self.actor.stop)
+                if result is not None:
+                    self._exitcode, self._tail = result
+        except ray.exceptions.RayActorError as exc:   # died: process crash, OOM kill, node lost
+            self._exitcode = -signal.SIGKILL
+            self._tail = f"its Ray actor died: {_first_lines(exc)}"
+        except Exception as exc:                       # the worker process could not be started
+            self._exitcode = 1
+            self._tail = f"its Ray actor failed: {_first_lines(exc)}"
+        finally:
+            if self._exitcode is None:                 # killed before (or while) it ran
+                self._exitcode = -signal.SIGKILL
+            self.release()                             # resources free before the death is reported
+            self._done.set()
+            with self._fd_lock:
+                if self._w >= 0:
+                    os.write(self._w, b"x")
+
+    def _await(self, ref, stop):
+        """The value of ``ref``, or None once a kill was asked for (after ``stop`` and a grace)."""
+        ray = _ray()
+        stopped = False
+        while True:
+            if not ray.is_initialized():     # Ray was shut down under the pool: nothing to watch
+                raise ray.exceptions.RayActorError("Ray was shut down in this process")
+            ready, _ = ray.wait([ref], timeout=WATCH_POLL_S)
+            if ready:
+                return ray.get(ready[0])
+            if self._kill_at is None:
+                continue
+            if stop is None:
+                return None
+            if not stopped:
+                stop.remote()                           # end the worker's group, then wait() returns
+                stopped = True
+            elif time.monotonic() - self._kill_at > KILL_GRACE_S:
+                return None
+
+    def release(self) -> None:
+        """Kill the actor and remove the placement group (idempotent; never raises)."""
+        if self._released:
+            return
+        self._released = True
+        ray = _ray()
+        if not ray.is_initialized():         # calling Ray now would start a new one
+            self._on_release(self)
+            return
+        try:
+            ray.kill(self.actor, no_restart=True)
+        except Exception:
+            pass
+        try:
+            ray.util.remove_placement_group(self.pg)
+        except Exception:
+            pass
+        self._on_release(self)
+
+    # -- WorkerHandle -----------------------------------------------------------------------------
+    @property
+    def sentinel(self) -> int:
+        return self._r
+
+    @property
+    def exitcode(self) -> int | None:
+        return self._exitcode if self._done.is_set() else None
+
+    def kill(self) -> None:
+        if self._kill_at is None:
+            self._kill_at = time.monotonic()           # the watcher ends it (never blocks this thread)
+
+    def join(self, timeout: float) -> None:
+        self._done.wait(timeout)
+
+    def reap(self, timeout: float) -> None:
+        self._done.wait(timeout)
+        self._close_fds()
+
+    def _close_fds(self) -> None:
+        with self._fd_lock:
+            for fd in (self._r, self._w):
+                if fd >= 0:
+                    os.close(fd)
+            self._r = self._w = -1
+
+    def log_tail(self, lines: int = 20) -> str:
+        return "\n".join(self._tail.splitlines()[-lines:])
+
+
+def _first_lines(exc: BaseException, n: int = 6) -> str:
+    return "\n".join(str(exc).strip().splitlines()[:n])
