@@ -119,11 +119,14 @@ class Dispatcher:
         self._ever_running = False
         self._last_stats = 0.0
         self._ctx = zmq.Context()
+        self._auth = None
         try:
             self._auth = start_curve_authenticator(self._ctx, transport.curve) if transport.curve else None
             self._router = transport.bind_router(self._ctx)
             self.supervisor: Supervisor = supervisor_factory(transport.endpoint)
         except BaseException:
+            if self._auth is not None:
+                self._auth.stop()
             self._ctx.destroy(linger=0)
             transport.cleanup()
             raise
