@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# One-GPU measurements of the reshaped core, its server and its routing, in parts that each fit
+# a 10-minute call. On the GPU machine, from the project's root, where vLLM imports and
+# $MPDP_GPU_MODELS names the folder of model configs (qwen3-8b-shape/, smol/):
+#
+#   scripts/gpu_session.sh OUT_DIR core     GPU tests; scaling bare vs mpdp1 (8B shape, fixed)
+#   scripts/gpu_session.sh OUT_DIR prefix   bench/prefix.py: two vLLM workers sharing the GPU
+#   scripts/gpu_session.sh OUT_DIR serve    mpdp serve vs vllm serve (SmolLM2 shape); crash recovery
+set -uo pipefail
+out=${1:?usage: scripts/gpu_session.sh OUT_DIR core|prefix|serve}
+part=${2:?part: core, prefix or serve}
+cd "$(dirname "$0")/.."
+mkdir -p "$out"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export VLLM_USE_FLASHINFER_SAMPLER=${VLLM_USE_FLASHINFER_SAMPLER:-0}
+big=$MPDP_GPU_MODELS/qwen3-8b-shape
+smol=$MPDP_GPU_MODELS/smol
+gib=$((1024 * 1024 * 1024))
+
+case $part in
+core)
+  timeout 240 python3 -m pytest -m gpu tests/test_vllm_gpu.py -q -rs -p no:cacheprovider 2>&1 | tee "$out/pytest.log"
+  timeout 330 python3 -m bench.scaling --model "$big" --variants bare:fixed,mpdp1:fixed --requests-per-gpu 512 \
+    --fixed-len 512 --budget-s 320 --json "$out/scaling.json" 2>&1 | tail -40 > "$out/scaling.log"
+  ;;
+prefix)
+  timeout 560 python3 -m bench.prefix --engine vllm --model "$big" --load-format dummy --gpus 0,0 \
+    --kv-cache-memory-bytes $((20 * gib)) --workloads docqa,gepa64,random --rounds 2 --budget-s 500 \
+    --json "$out/prefix.json" 2>&1 | tail -60 > "$out/prefix.log"
+  ;;
+serve)
+  port=8011
+  # The same engine settings on both sides (vllm serve's API context defaults to fewer sequences).
+  opts=(--engine-option load_format=dummy --engine-option enforce_eager=true --engine-option max_num_seqs=256
+        --engine-option gpu_memory_utilization=0.4 --engine-option max_model_len=2048)
+  load="--model smol --concurrency 256 --requests 2048 --max-tokens 128"
+  for server in vllm mpdp; do
+    if [ $server = vllm ]; then
+      python3 -m vllm.entrypoints.openai.api_server --model "$smol" --served-model-name smol --load-format dummy \
+        --enforce-eager --max-num-seqs 256 --gpu-memory-utilization 0.4 --max-model-len 2048 \
+        --host 127.0.0.1 --port $port \
+        > "$out/server-$server.log" 2>&1 &
+    else
+      python3 -m mpdp.cli serve --engine vllm --model "$smol" --served-model-name smol --num-gpus 1 "${opts[@]}" \
+        --host 127.0.0.1 --port $port > "$out/server-$server.log" 2>&1 &
+    fi
+    pid=$!
+    for _ in $(seq 180); do curl -sf http://127.0.0.1:$port/v1/models >/dev/null && break; sleep 1; done
+    timeout 150 python3 -m bench.serve_vs_vllm --base-url http://127.0.0.1:$port/v1 $load \
+      --json "$out/serve-$server.json" 2>&1 | tail -20 > "$out/serve-$server.txt"
+    kill -INT $pid; wait $pid
+  done
+  timeout 200 python3 -m bench.recovery --engine vllm --model "$smol" --gpus 0,0 --rounds 1 \
+    --kv-cache-memory-bytes $((4 * gib)) --json "$out/recovery.json" 2>&1 | tail -30 > "$out/recovery.log"
+  ;;
+*) echo "unknown part $part" >&2; exit 2;;
+esac
+ls -la "$out"
