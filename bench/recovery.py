@@ -16,7 +16,8 @@ a clean round takes ~1 s):
     python -m bench.recovery --json bench/results/recovery-2core.json
 
 GPU (two vLLM workers sharing GPU 0 with a fixed KV cache each, 1,500 requests in flight, the
-SIGKILL 5 s in; prompts of random token ids, ignore_eos, so each request makes --max-tokens):
+SIGKILL at 0.3 x the clean round's time unless --kill-after says; prompts of random token ids,
+ignore_eos, so each request makes --max-tokens):
 
     python -m bench.recovery --engine vllm --model MODEL_DIR --gpus 0,0 --requests 1500 \
         --engine-options '{"load_format": "dummy", "max_model_len": 2048}' --json recovery-1gpu.json
@@ -97,14 +98,15 @@ def check(items, results, engine: str) -> tuple[int, int, int, str | None]:
     return served, failed, wrong, first
 
 
-def one_round(pool, watcher: Watcher, items, sampling: dict, args, victim: int | None) -> dict:
+def one_round(pool, watcher: Watcher, items, sampling: dict, args, victim: int | None,
+              kill_after: float = 0.0) -> dict:
     killed: dict = {}
     if victim is not None:                       # a first crash, not a crash loop (see the docstring)
         pid, since = watcher.ready(victim)
         time.sleep(max(0.0, since + args.settle_s - time.monotonic()))
 
     def killer(t0: float) -> None:
-        time.sleep(max(0.0, t0 + args.kill_after - time.monotonic()))
+        time.sleep(max(0.0, t0 + kill_after - time.monotonic()))
         pid, _ = watcher.ready(victim)
         stats = pool.stats()["workers"][victim]
         killed.update(worker=victim, pid=pid, in_flight=stats.get("in_flight"), at=time.monotonic())
@@ -130,7 +132,8 @@ def one_round(pool, watcher: Watcher, items, sampling: dict, args, victim: int |
         seen = watcher.ready(victim)
         restarted = seen is not None and seen[0] != killed["pid"]
         row.update(victim=victim, killed_pid_in_flight=killed["in_flight"], kill_at_s=killed["at"] - t0,
-                   restart_s=(seen[1] - killed["at"]) if restarted else None)
+                   restart_s=(seen[1] - killed["at"]) if restarted else None,
+                   killed_after_the_round=killed["at"] - t0 > wall)
     return row
 
 
@@ -160,7 +163,8 @@ def parse_args(argv=None):
     p.add_argument("--gpus", default="0,0", help="vLLM: visible-GPU indices, one worker each (0,0: two on GPU 0)")
     p.add_argument("--requests", type=int, default=None, help="per round (echo 2,000, vllm 1,500)")
     p.add_argument("--rounds", type=int, default=None, help="pairs of clean + killed rounds (echo 5, vllm 2)")
-    p.add_argument("--kill-after", type=float, default=None, help="seconds into the round (echo 0.3, vllm 5)")
+    p.add_argument("--kill-after", type=float, default=None,
+                   help="seconds into the round (echo 0.3; vllm: 0.3 x the clean round before it)")
     p.add_argument("--delay-s", type=float, default=0.2, help="echo: each request held this long")
     p.add_argument("--capacity", type=int, default=200, help="echo: requests a worker holds at once")
     p.add_argument("--kv-cache-memory-bytes", type=int, default=8 << 30,
@@ -177,7 +181,8 @@ def parse_args(argv=None):
     gpu = args.engine == "vllm"
     args.requests = args.requests or (1500 if gpu else 2000)
     args.rounds = args.rounds or (2 if gpu else 5)
-    args.kill_after = args.kill_after if args.kill_after is not None else (5.0 if gpu else 0.3)
+    if args.kill_after is None and not gpu:
+        args.kill_after = 0.3
     args.restart_timeout = args.restart_timeout or (600.0 if gpu else 30.0)
     return args
 
@@ -208,12 +213,17 @@ def main(argv=None) -> int:
         workers = len(pool.stats()["workers"])
         for i in range(args.rounds):
             for victim in (None, i % workers):
-                row = one_round(pool, watcher, items, sampling, args, victim)
+                kill_after = args.kill_after
+                if victim is not None and kill_after is None:      # vllm: 0.3 x the clean round just run
+                    kill_after = 0.3 * rows[-1]["wall_s"]
+                row = one_round(pool, watcher, items, sampling, args, victim, kill_after)
                 rows.append(row)
                 extra = f", victim {victim} ({row['killed_pid_in_flight']} in flight), restart " \
                         f"{row['restart_s']:.2f} s" if victim is not None and row["restart_s"] else ""
+                late = " (the SIGKILL came after the round ended: raise --requests)" \
+                    if row.get("killed_after_the_round") else ""
                 print(f"round {i + 1} {row['kind']:>6}: {row['wall_s']:.2f} s, served {row['served']}/"
-                      f"{row['requests']}, failed {row['failed']}{extra}", flush=True)
+                      f"{row['requests']}, failed {row['failed']}{extra}{late}", flush=True)
         watcher.close()
         workers_stats = [{k: w.get(k) for k in ("index", "restarts", "kv_cache_tokens", "capacity")}
                          for w in pool.stats()["workers"]]
@@ -223,7 +233,8 @@ def main(argv=None) -> int:
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
               "python": platform.python_version(), "command": " ".join(["python -m bench.recovery"] + sys.argv[1:]),
               "engine": args.engine, "model": os.path.basename(os.path.normpath(args.model)),
-              "requests_per_round": args.requests, "kill_after_s": args.kill_after, "pool_start_s": start_s,
+              "requests_per_round": args.requests, "kill_after_s": args.kill_after or "0.3 x the clean round",
+              "pool_start_s": start_s,
               "engine_options": ({"delay_s": args.delay_s, "capacity": args.capacity} if args.engine == "echo"
                                  else {"kv_cache_memory_bytes": args.kv_cache_memory_bytes,
                                        **json.loads(args.engine_options)}),
