@@ -286,6 +286,24 @@ def test_generate_cli_with_the_ray_launcher(cluster, tmp_path):
     assert [(x["id"], x["text"]) for x in lines] == [(f"r{i}", f"line {i}") for i in range(20)]
 
 
+def test_dspy_lm_with_the_ray_launcher(cluster):
+    pytest.importorskip("dspy")
+    import mpdp.dspy as mdspy
+
+    lm = mdspy.LM("echo-model", engine="echo", num_workers=2, launcher="ray", max_tokens=4000, cache=False)
+    try:
+        assert not lm.pool_started                     # nothing starts before the first call
+        out = lm("hello over ray")
+        assert "hello over ray" in out[0]
+        pool = lm.pool
+        assert pool.config.launcher == "ray" and pool._dispatcher.transport.endpoint.startswith("tcp://")
+        token = pool._dispatcher.supervisor.token
+        assert len(alive_actors(token)) == 2
+    finally:
+        lm.close()
+    assert_nothing_left(token)
+
+
 @pytest.mark.slow
 def test_smollm2_on_two_nodes(cluster):
     pytest.importorskip("transformers")
