@@ -91,11 +91,12 @@ class Pool:
         slots = self._plan(engine_cls, config, options)
         self.model = resolve_model(self.engine, config.model, options)
         self.num_workers = len(slots)
-        launcher = make_launcher(config)
-        if isinstance(transport, str):       # workers elsewhere connect over tcp (always Curve) to bind_host
-            remote = config.launcher != "local"
+        # Workers on other machines (launcher="ray") connect over tcp, always with Curve, to the
+        # address the launcher names; a local launcher is made only once the endpoint is bound.
+        remote = make_launcher(config) if config.launcher != "local" else None
+        if isinstance(transport, str):
             transport = Transport(kind="tcp" if remote else config.transport,
-                                  host=launcher.bind_host if remote else config.transport_host,
+                                  host=remote.bind_host if remote else config.transport_host,
                                   port=config.transport_port)
         self._policy = POLICIES[config.routing]()
         self._admission = admission = Admission(config.max_pending)
@@ -103,7 +104,7 @@ class Pool:
                               config.dispatcher_timeout, dict(config.worker_env))
 
         def supervisor(endpoint: str) -> Supervisor:
-            return Supervisor(slots, launch, launcher, endpoint, transport.curve)
+            return Supervisor(slots, launch, remote or make_launcher(config), endpoint, transport.curve)
 
         self._dispatcher = d = Dispatcher(
             supervisor, transport, Scheduler(self._policy, max_batch=config.max_batch,

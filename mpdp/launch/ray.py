@@ -166,8 +166,9 @@ class RayLauncher(Launcher):
             handles = list(self._handles)
         for h in handles:                   # normally none: stop_all killed and reaped them all
             h.kill()
+        deadline = time.monotonic() + KILL_GRACE_S + 2.0      # one wait for all, not one each
         for h in handles:
-            h.join(KILL_GRACE_S + 2.0)
+            h.join(max(0.0, deadline - time.monotonic()))
             h.release()                     # if its watcher is stuck, release from here
         if self._owns_ray:
             self._owns_ray = False
