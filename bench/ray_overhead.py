@@ -4,8 +4,8 @@ CPU (default, ``--engine echo``): a 3-node Ray cluster on loopback (``ray.cluste
 one custom ``sim_gpu`` per node, so each of the 3 workers is on a node of its own), and on the
 same machine the local launcher with 3 workers over ``ipc://`` and over ``tcp://`` + Curve
 (which splits the cost of TCP + Curve from that of Ray). For each:
-  - batch: requests/s through ``generate(list)`` of short prompts, and the dispatcher thread's
-    CPU time per request (its ceiling: 1 / that);
+  - batch: requests/s (and wire bytes/s) through ``generate(list)`` of ``--prompt-chars``-long
+    prompts, and the dispatcher thread's CPU time per request (its ceiling: 1 / that);
   - light: p50/p99 latency of one thread, one request at a time;
   - threads: requests/s and p50 with 32 threads, each submitting one request and waiting.
 Wire bytes per request (SUBMIT + RESULTS frames, msgpack) are measured on the encoded frames.
@@ -15,6 +15,7 @@ Ray launcher (a single-node Ray started here, or ``--ray-address``), same model 
 output tokens/s (``ignore_eos``, fixed ``--max-tokens``).
 
     python bench/ray_overhead.py --json bench/results/ray-2core.json
+    python bench/ray_overhead.py --prompt-chars 2000 --requests 5000 --json bench/results/ray-2core-2kB.json
     python bench/ray_overhead.py --engine vllm --model Qwen/Qwen3-8B --json bench/results/ray-1xh200.json
 """
 
@@ -84,19 +85,22 @@ def run_threads(pool, n_threads: int, total: int) -> dict:
     return {"requests_per_s": per * n_threads / elapsed, "p50_us": p50, "p99_us": p99}
 
 
-def bench_echo_pool(label: str, n_batch: int, n_light: int, n_threaded: int, **pool_kwargs) -> dict:
+def bench_echo_pool(label: str, n_batch: int, n_light: int, n_threaded: int, chars: int, **pool_kwargs) -> dict:
     t0 = time.perf_counter()
     with mpdp.Pool(engine="echo", num_workers=3, **pool_kwargs) as pool:
         out = {"config": label, "start_s": time.perf_counter() - t0,
                "endpoint": pool._dispatcher.transport.endpoint.rsplit(":", 1)[0]}
         pool.generate([f"warm {i}" for i in range(2000)])
         dispatcher = pool._dispatcher._thread
-        prompts = [f"request number {i}" for i in range(n_batch)]
+        # Each prompt is `chars` long and comes back whole (echo), so a request carries it twice.
+        prompts = [f"request number {i} ".ljust(chars, "x") for i in range(n_batch)]
         cpu0, t0 = thread_clock(dispatcher), time.perf_counter()
-        results = pool.generate(prompts, max_tokens=64)
+        results = pool.generate(prompts, max_tokens=chars)
         elapsed, cpu = time.perf_counter() - t0, thread_clock(dispatcher) - cpu0
-        assert [c.text for c in results] == [p[:64] for p in prompts]
+        assert [c.text for c in results] == prompts
+        out["wire_bytes_per_request"] = wire_bytes(prompts[0], prompts[0])
         out["batch"] = {"requests": n_batch, "requests_per_s": n_batch / elapsed,
+                        "wire_bytes_per_s": n_batch / elapsed * out["wire_bytes_per_request"],
                         "dispatcher_cpu_us_per_request": cpu / n_batch * 1e6}
         lat = []
         for i in range(n_light):
@@ -114,7 +118,7 @@ def echo_main(args) -> dict:
     import ray
     from ray.cluster_utils import Cluster
 
-    n = dict(n_batch=args.requests, n_light=args.light, n_threaded=args.threaded)
+    n = dict(n_batch=args.requests, n_light=args.light, n_threaded=args.threaded, chars=args.prompt_chars)
     runs = []
     runs.append(bench_echo_pool("local, ipc", **n))
     runs.append(bench_echo_pool("local, tcp + Curve", transport="tcp", **n))
@@ -138,7 +142,7 @@ def echo_main(args) -> dict:
             "batch_requests_per_s": r["batch"]["requests_per_s"] / base["batch"]["requests_per_s"],
             "light_p50": r["light"]["p50_us"] / base["light"]["p50_us"],
             "threads32_requests_per_s": r["threads32"]["requests_per_s"] / base["threads32"]["requests_per_s"]}
-    return {"runs": runs, "wire_bytes_per_request": wire_bytes("request number 12345", "request number 12345")}
+    return {"runs": runs, "prompt_chars": args.prompt_chars}
 
 
 def vllm_main(args) -> dict:
@@ -178,6 +182,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=None, help="batch size (echo: 20000; vllm: 2048)")
     p.add_argument("--light", type=int, default=1000, help="echo: one-at-a-time requests for latency")
     p.add_argument("--threaded", type=int, default=6400, help="echo: requests over 32 threads")
+    p.add_argument("--prompt-chars", type=int, default=20, help="echo: characters per prompt (and per result)")
     p.add_argument("--max-tokens", type=int, default=512, help="vllm: output tokens per request")
     p.add_argument("--engine-options", default="{}", help="vllm: engine_options as JSON")
     p.add_argument("--ray-address", default=None, help="vllm: an existing Ray cluster (default: start one here)")
