@@ -274,6 +274,25 @@ def test_driver_sigkilled_leaves_no_actor_and_no_worker(cluster):
             proc.wait()
 
 
+def test_worker_exits_when_its_dispatcher_goes_silent(cluster):
+    """A partition, as the workers see it: the driver is alive for Ray (SIGSTOP keeps its
+    connections open, so Ray kills nothing) but its dispatcher says nothing. Each worker
+    exits by itself after dispatcher_timeout (3 s), which is what frees a GPU on a node cut off."""
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, cluster.address], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        info = json.loads(proc.stdout.readline())
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGSTOP)
+        wait_until(lambda: all(gone(p) for p in info["pids"]), 15, interval=0.2,
+                   what="the silenced dispatcher's workers gone")
+        assert time.monotonic() - t0 >= 2.5          # by their own timeout, not by Ray
+    finally:
+        proc.kill()
+        proc.wait()
+    assert_nothing_left(info["token"], timeout=20)
+
+
 def test_generate_cli_with_the_ray_launcher(cluster, tmp_path):
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"line {i}"}) + "\n" for i in range(20)))

@@ -50,7 +50,7 @@ from mpdp.worker.spec import WorkerSpec
 
 RESOURCES_ENV = "MPDP_RAY_RESOURCES"     # JSON: the resources of one worker's bundle
 KILL_GRACE_S = 3.0      # after kill(): how long the actor may take to end its worker before ray.kill
-WATCH_POLL_S = 0.2      # how often a watcher looks for a kill request (a death wakes it at once)
+WATCH_POLL_S = 0.5      # how often a watcher looks for a kill request (a death wakes it at once)
 _LOG_TAIL_BYTES = 16384
 
 
@@ -133,6 +133,8 @@ class RayLauncher(Launcher):
     def launch(self, spec: WorkerSpec, log_name: str) -> "RayWorker":
         if self._closed:
             raise OSError("the Ray launcher is closed")
+        if not _ray().is_initialized():     # any Ray call now would start a new, empty Ray
+            raise OSError("Ray is no longer initialised in this process (ray.shutdown() under the pool?)")
         bundle = worker_bundle(spec.engine, spec.engine_options)
         if spec.incarnation == 0:
             self._check_feasible(bundle)
@@ -181,11 +183,13 @@ class _WorkerActor:
 
     def __init__(self):
         self.proc: subprocess.Popen | None = None
-        self.folder = tempfile.mkdtemp(prefix="mpdp-ray-")
-        self.log_path = os.path.join(self.folder, "worker.log")
 
     def start(self, spec_json: str) -> dict:
         import ray
+
+        # The worker's log, on this node; the worker removes it if this actor dies first.
+        self.folder = tempfile.mkdtemp(prefix="mpdp-ray-")
+        self.log_path = os.path.join(self.folder, "worker.log")
 
         spec = WorkerSpec.from_json(spec_json)
         spec.parent_pid = os.getpid()       # the worker ends with this actor (see the module docstring)
