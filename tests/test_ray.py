@@ -239,6 +239,12 @@ def test_first_start_fails_at_once_when_no_node_fits(cluster, monkeypatch):
     assert time.monotonic() - t0 < 10
 
 
+def test_a_bad_bundle_fails_the_pool_call(monkeypatch):
+    monkeypatch.setenv("MPDP_RAY_RESOURCES", "[1]")
+    with pytest.raises(ValueError, match="MPDP_RAY_RESOURCES"):
+        ray_pool(num_workers=1)
+
+
 DRIVER = r"""
 import json, sys, time, ray, mpdp
 ray.init(address=sys.argv[1], log_to_driver=False)

@@ -95,8 +95,8 @@ def _release() -> None:
             _ray().shutdown()
 
 
-def worker_bundle(engine: str, engine_options: dict) -> dict[str, float]:
-    """The resources of one worker: ``MPDP_RAY_RESOURCES`` if set, else by the engine's kind."""
+def bundle_override() -> dict[str, float] | None:
+    """``MPDP_RAY_RESOURCES``, checked (ValueError naming it), or None where it is not set."""
     text = os.environ.get(RESOURCES_ENV)
     if text:
         try:
@@ -108,6 +108,13 @@ def worker_bundle(engine: str, engine_options: dict) -> dict[str, float]:
                 for k, v in bundle.items()):
             raise ValueError(f"{RESOURCES_ENV} must map resource names to positive numbers, not {text!r}")
         return {k: float(v) for k, v in bundle.items()}
+    return None
+
+
+def worker_bundle(engine: str, engine_options: dict, override: dict[str, float] | None) -> dict[str, float]:
+    """The resources of one worker: the override if any, else by the engine's kind."""
+    if override:
+        return dict(override)
     from mpdp.engines import engine_class
 
     if engine_class(engine).uses_gpu:
@@ -120,6 +127,7 @@ class RayLauncher(Launcher):
 
     def __init__(self, config):
         ray = _ray()
+        self._bundle = bundle_override()    # a mistake in it fails the Pool call, before anything starts
         self._owns_ray = _acquire(config.ray_address)
         self.cleanup_paths = []            # nothing on this machine for a remote worker to remove
         # The workers connect to this machine as Ray's other nodes do: Ray's own address for it,
@@ -135,7 +143,7 @@ class RayLauncher(Launcher):
             raise OSError("the Ray launcher is closed")
         if not _ray().is_initialized():     # any Ray call now would start a new, empty Ray
             raise OSError("Ray is no longer initialised in this process (ray.shutdown() under the pool?)")
-        bundle = worker_bundle(spec.engine, spec.engine_options)
+        bundle = worker_bundle(spec.engine, spec.engine_options, self._bundle)
         if spec.incarnation == 0:
             self._check_feasible(bundle)
         spec = dataclasses.replace(
