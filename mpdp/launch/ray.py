@@ -195,13 +195,11 @@ class _WorkerActor:
     def start(self, spec_json: str) -> dict:
         import ray
 
-        # The worker's log, on this node; the worker removes it if this actor dies first.
-        self.folder = tempfile.mkdtemp(prefix="mpdp-ray-")
-        self.log_path = os.path.join(self.folder, "worker.log")
-
         spec = WorkerSpec.from_json(spec_json)
+        self.folder, self.owned = _log_folder()
+        self.log_path = os.path.join(self.folder, f"mpdp-worker-{spec.token}-{spec.index}.{spec.incarnation}.log")
         spec.parent_pid = os.getpid()       # the worker ends with this actor (see the module docstring)
-        spec.cleanup_paths = [self.folder]
+        spec.cleanup_paths = [self.folder] if self.owned else []
         gpu_ids = ray.get_gpu_ids()
         if gpu_ids:                         # the GPUs Ray gave this actor; the worker pins itself to them
             spec.gpus = [str(g) for g in gpu_ids]
@@ -224,9 +222,10 @@ class _WorkerActor:
         code = self.proc.wait()
         killpg(self.proc.pid)               # what the worker's engine left in its group
         tail = self._tail()
-        import shutil
+        if self.owned:
+            import shutil
 
-        shutil.rmtree(self.folder, ignore_errors=True)
+            shutil.rmtree(self.folder, ignore_errors=True)
         return code, tail
 
     def stop(self) -> None:
@@ -241,6 +240,22 @@ class _WorkerActor:
                 return f.read().decode("utf-8", "replace")
         except OSError:
             return ""
+
+
+def _log_folder() -> tuple[str, bool]:
+    """Where a worker's output goes on its node: next to Ray's own worker logs (kept with the
+    session, like them, for post-mortems), else a private folder that is removed with the worker
+    (the bool). Ray's kill of a dead worker's children can interrupt a removal, so keeping the
+    logs where Ray keeps its own also leaves no stray folders behind."""
+    try:
+        from ray._private.worker import global_worker
+
+        path = global_worker.node.get_logs_dir_path()
+        if os.path.isdir(path):
+            return path, False
+    except Exception:                       # a private API: fall back to a folder of our own
+        pass
+    return tempfile.mkdtemp(prefix="mpdp-ray-"), True
 
 
 _actor_class = None
