@@ -92,11 +92,12 @@ class Pool:
         slots = self._plan(engine_cls, config, options)
         self.model = resolve_model(self.engine, config.model, options)
         self.num_workers = len(slots)
-        launcher = make_launcher(config)
-        if isinstance(transport, str):       # workers elsewhere connect over tcp (always Curve) to bind_host
-            remote = config.launcher != "local"
+        # Workers on other machines (launcher="ray") connect over tcp, always with Curve, to the
+        # address the launcher names; a local launcher is made only once the endpoint is bound.
+        remote = make_launcher(config) if config.launcher != "local" else None
+        if isinstance(transport, str):
             transport = Transport(kind="tcp" if remote else config.transport,
-                                  host=launcher.bind_host if remote else config.transport_host,
+                                  host=remote.bind_host if remote else config.transport_host,
                                   port=config.transport_port)
         self._policy = POLICIES[config.routing]()
         self._admission = admission = Admission(config.max_pending)
@@ -104,7 +105,7 @@ class Pool:
                               config.dispatcher_timeout, dict(config.worker_env))
 
         def supervisor(endpoint: str) -> Supervisor:
-            return Supervisor(slots, launch, launcher, endpoint, transport.curve,
+            return Supervisor(slots, launch, remote or make_launcher(config), endpoint, transport.curve,
                               [transport.folder] if transport.folder else [])
 
         try:
@@ -116,7 +117,8 @@ class Pool:
                 ready_timeout=config.ready_timeout or engine_cls.ready_timeout,
                 shutdown_timeout=config.shutdown_timeout)
         except BaseException:          # the endpoint could not be bound: nothing may stay behind
-            launcher.close()
+            if remote is not None:
+                remote.close()
             raise
         # Runs on close(), garbage collection or interpreter exit; holds no reference to the pool.
         self._finalizer = weakref.finalize(self, _shutdown, d, False, 10.0, self._owner_pid)

@@ -71,6 +71,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="GPUs per worker (default: %(default)s)")
     pool.add_argument("--engine-option", action="append", default=[], metavar="KEY=JSON",
                       help="engine option, e.g. max_model_len=4096 (repeatable)")
+    pool.add_argument("--launcher", default="local", choices=("local", "ray"),
+                      help="where workers run: this machine, or a Ray cluster (default: %(default)s)")
+    pool.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                      help="the Ray cluster for --launcher ray, e.g. HEAD_IP:6379 (default: RAY_ADDRESS, "
+                           "else a running local cluster)")
 
     sampling = p.add_argument_group("sampling defaults (each line may override them)")
     sampling.add_argument("--max-tokens", type=int, default=256, help="(default: %(default)s)")

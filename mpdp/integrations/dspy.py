@@ -97,13 +97,16 @@ class PoolSpec:
     tensor_parallel_size: int = 1
     engine_options: dict[str, Any] = field(default_factory=dict)
     sampling: dict[str, Any] = field(default_factory=dict)   # the pool's sampling defaults
+    launcher: str = "local"                   # "ray": workers on a Ray cluster
+    ray_address: str | None = None
 
     def start(self):
         import mpdp
 
         return mpdp.Pool(model=self.model, engine=self.engine, num_workers=self.num_workers,
                          num_gpus=self.num_gpus, tensor_parallel_size=self.tensor_parallel_size,
-                         engine_options=dict(self.engine_options) or None, **self.sampling)
+                         engine_options=dict(self.engine_options) or None, launcher=self.launcher,
+                         ray_address=self.ray_address, **self.sampling)
 
 
 class PoolHandle:
@@ -504,8 +507,8 @@ class LM(dspy.LM):
                  keep_reasoning: bool = False, request_timeout: float | None = None,
                  async_engine: Any = None, temperature: float | None = None,
                  max_tokens: int | None = DEFAULT_MAX_TOKENS, cache: bool = True, num_retries: int = 3,
-                 callbacks=None, model_type: str = "chat",
-                 **kwargs):
+                 callbacks=None, model_type: str = "chat", launcher: str = "local",
+                 ray_address: str | None = None, **kwargs):
         if lm15 is None:
             raise ImportError(f"mpdp.dspy.LM needs DSPy >= 3.4 (dspy.LM(engine=...)); this is DSPy "
                               f"{dspy.__version__}: use mpdp.dspy.PoolLM, or upgrade DSPy")
@@ -533,7 +536,8 @@ class LM(dspy.LM):
                 check_sampling(pool_sampling)       # an unknown keyword fails here, not at the first call
                 spec = PoolSpec(model=model or DEFAULT_MODEL, engine=engine, num_workers=num_workers,
                                 num_gpus=num_gpus, tensor_parallel_size=tensor_parallel_size,
-                                engine_options=dict(engine_options or {}), sampling=dict(pool_sampling))
+                                engine_options=dict(engine_options or {}), sampling=dict(pool_sampling),
+                                launcher=launcher, ray_address=ray_address)
             model = model or spec.model
             sync_engine = MpdpEngine(pool, spec=spec, keep_reasoning=keep_reasoning,
                                      request_timeout=request_timeout)

@@ -50,7 +50,7 @@ from mpdp.worker.spec import WorkerSpec
 
 RESOURCES_ENV = "MPDP_RAY_RESOURCES"     # JSON: the resources of one worker's bundle
 KILL_GRACE_S = 3.0      # after kill(): how long the actor may take to end its worker before ray.kill
-WATCH_POLL_S = 0.2      # how often a watcher looks for a kill request (a death wakes it at once)
+WATCH_POLL_S = 0.5      # how often a watcher looks for a kill request (a death wakes it at once)
 _LOG_TAIL_BYTES = 16384
 
 
@@ -95,8 +95,8 @@ def _release() -> None:
             _ray().shutdown()
 
 
-def worker_bundle(engine: str, engine_options: dict) -> dict[str, float]:
-    """The resources of one worker: ``MPDP_RAY_RESOURCES`` if set, else by the engine's kind."""
+def bundle_override() -> dict[str, float] | None:
+    """``MPDP_RAY_RESOURCES``, checked (ValueError naming it), or None where it is not set."""
     text = os.environ.get(RESOURCES_ENV)
     if text:
         try:
@@ -108,6 +108,13 @@ def worker_bundle(engine: str, engine_options: dict) -> dict[str, float]:
                 for k, v in bundle.items()):
             raise ValueError(f"{RESOURCES_ENV} must map resource names to positive numbers, not {text!r}")
         return {k: float(v) for k, v in bundle.items()}
+    return None
+
+
+def worker_bundle(engine: str, engine_options: dict, override: dict[str, float] | None) -> dict[str, float]:
+    """The resources of one worker: the override if any, else by the engine's kind."""
+    if override:
+        return dict(override)
     from mpdp.engines import engine_class
 
     if engine_class(engine).uses_gpu:
@@ -120,6 +127,7 @@ class RayLauncher(Launcher):
 
     def __init__(self, config):
         ray = _ray()
+        self._bundle = bundle_override()    # a mistake in it fails the Pool call, before anything starts
         self._owns_ray = _acquire(config.ray_address)
         self.cleanup_paths = []            # nothing on this machine for a remote worker to remove
         # The workers connect to this machine as Ray's other nodes do: Ray's own address for it,
@@ -133,7 +141,9 @@ class RayLauncher(Launcher):
     def launch(self, spec: WorkerSpec, log_name: str) -> "RayWorker":
         if self._closed:
             raise OSError("the Ray launcher is closed")
-        bundle = worker_bundle(spec.engine, spec.engine_options)
+        if not _ray().is_initialized():     # any Ray call now would start a new, empty Ray
+            raise OSError("Ray is no longer initialised in this process (ray.shutdown() under the pool?)")
+        bundle = worker_bundle(spec.engine, spec.engine_options, self._bundle)
         if spec.incarnation == 0:
             self._check_feasible(bundle)
         spec = dataclasses.replace(
@@ -166,8 +176,9 @@ class RayLauncher(Launcher):
             handles = list(self._handles)
         for h in handles:                   # normally none: stop_all killed and reaped them all
             h.kill()
+        deadline = time.monotonic() + KILL_GRACE_S + 2.0      # one wait for all, not one each
         for h in handles:
-            h.join(KILL_GRACE_S + 2.0)
+            h.join(max(0.0, deadline - time.monotonic()))
             h.release()                     # if its watcher is stuck, release from here
         if self._owns_ray:
             self._owns_ray = False
@@ -180,15 +191,15 @@ class _WorkerActor:
 
     def __init__(self):
         self.proc: subprocess.Popen | None = None
-        self.folder = tempfile.mkdtemp(prefix="mpdp-ray-")
-        self.log_path = os.path.join(self.folder, "worker.log")
 
     def start(self, spec_json: str) -> dict:
         import ray
 
         spec = WorkerSpec.from_json(spec_json)
+        self.folder, self.owned = _log_folder()
+        self.log_path = os.path.join(self.folder, f"mpdp-worker-{spec.token}-{spec.index}.{spec.incarnation}.log")
         spec.parent_pid = os.getpid()       # the worker ends with this actor (see the module docstring)
-        spec.cleanup_paths = [self.folder]
+        spec.cleanup_paths = [self.folder] if self.owned else []
         gpu_ids = ray.get_gpu_ids()
         if gpu_ids:                         # the GPUs Ray gave this actor; the worker pins itself to them
             spec.gpus = [str(g) for g in gpu_ids]
@@ -211,9 +222,10 @@ class _WorkerActor:
         code = self.proc.wait()
         killpg(self.proc.pid)               # what the worker's engine left in its group
         tail = self._tail()
-        import shutil
+        if self.owned:
+            import shutil
 
-        shutil.rmtree(self.folder, ignore_errors=True)
+            shutil.rmtree(self.folder, ignore_errors=True)
         return code, tail
 
     def stop(self) -> None:
@@ -228,6 +240,22 @@ class _WorkerActor:
                 return f.read().decode("utf-8", "replace")
         except OSError:
             return ""
+
+
+def _log_folder() -> tuple[str, bool]:
+    """Where a worker's output goes on its node: next to Ray's own worker logs (kept with the
+    session, like them, for post-mortems), else a private folder that is removed with the worker
+    (the bool). Ray's kill of a dead worker's children can interrupt a removal, so keeping the
+    logs where Ray keeps its own also leaves no stray folders behind."""
+    try:
+        from ray._private.worker import global_worker
+
+        path = global_worker.node.get_logs_dir_path()
+        if os.path.isdir(path):
+            return path, False
+    except Exception:                       # a private API: fall back to a folder of our own
+        pass
+    return tempfile.mkdtemp(prefix="mpdp-ray-"), True
 
 
 _actor_class = None
