@@ -152,7 +152,10 @@ def test_context_window(engine):
 def test_bad_requests(engine):
     for bad in (EngineRequest(id=30, prompt_token_ids=[]),
                 EngineRequest(id=31, prompt_token_ids=[engine.vocab_size]),
-                EngineRequest(id=32, prompt="hi", params={"response_format": {"type": "json_object"}}),
+                EngineRequest(id=32, prompt="hi", params={"response_format": {"type": "yaml"}}),
+                EngineRequest(id=35, prompt="hi", params={"response_format": {
+                    "type": "json_schema", "json_schema": {"schema": {"type": "no-such-type"}}}}),
+                EngineRequest(id=36, prompt="hi", params={"response_format": {"type": "json_schema"}}),
                 EngineRequest(id=33, prompt="hi", params={"logprobs": 1000}),
                 EngineRequest(id=34)):
         with pytest.raises(ValueError):
