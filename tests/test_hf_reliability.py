@@ -22,14 +22,18 @@ def restarts(pool) -> list[int]:
 
 @pytest.fixture(scope="module")
 def pool():
-    # One worker: a crash could not hide behind a second one serving the retry.
+    # One worker: a crash could not hide behind a second one serving the retry. The heartbeat
+    # timeout is the hf default (10 s), shorter than the unchunked prefill below; the prefill
+    # budget is 128 tokens a step (steps of ~0.2-0.8 s unloaded), so that other processes taking
+    # the cores of a 2-core machine (torch's threads then slow down many times) do not make a
+    # healthy worker look hung.
     with mpdp.Pool(engine="hf", num_workers=1, max_crashes=1, heartbeat_interval=0.2,
-                   heartbeat_timeout=6.0) as p:
+                   heartbeat_timeout=10.0, engine_options={"max_prefill_tokens": 128}) as p:
         yield p
 
 
 def test_a_7001_token_prompt_is_served_within_a_short_heartbeat(pool):
-    # Unchunked, this prefill is one step of ~15-25 s on 2 cores: past the 6 s heartbeat, the
+    # Unchunked, this prefill is one step of ~15-25 s on 2 cores: past the 10 s heartbeat, the
     # worker would be killed as hung and the request fail with WorkerCrashed (max_crashes=1).
     ids = [100 + (i * 7919) % 40000 for i in range(7001)]
     c = pool.submit(prompt_token_ids=ids, temperature=0, max_tokens=3).result(timeout=200)

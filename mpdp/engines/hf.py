@@ -11,9 +11,11 @@ tokens, so greedy text batched equals greedy text alone (tests check it; only fl
 in differently shaped matmuls could ever tell them apart).
 
 Prefill is chunked: one ``step()`` prefills at most ``max_prefill_tokens`` (rows x columns,
-padding included), so a long prompt (7,000 tokens take ~20 s on 2 cores) is many short steps
-and the worker keeps sending heartbeats between them; a step that never returns still goes
-silent and is caught as a hang.
+padding included), so a long prompt (7,000 tokens: ~14 s in one step on 2 cores, ~18 s in
+steps of at most 2 s with a budget of 512) is many short steps and the worker keeps sending
+heartbeats between them; a step that never returns still goes silent and is caught as a hang.
+The default budget, 256, leaves room for a machine whose cores other processes also use
+(torch's threads then slow down several times).
 
 Params: max_tokens (default 16; ``None`` = up to the context limit), temperature (default 1.0
 as in vLLM; 0, or below 1e-5 as vLLM rounds it, = greedy argmax), top_p, top_k, n, seed, stop,
@@ -27,7 +29,7 @@ enforced while decoding with xgrammar: each row has its own grammar matcher, who
 bitmask is applied to the logits before the token is chosen (greedy or sampled), so the
 output always parses, unless max_tokens cuts it (finish_reason "length", as in vLLM).
 
-Options: max_batch_size (16), max_prefill_tokens (512), dtype ("float32"), max_model_len (the
+Options: max_batch_size (16), max_prefill_tokens (256), dtype ("float32"), max_model_len (the
 config's), device (a GPU when the placement has one, else "cpu"), json_any_whitespace (False:
 the grammar allows only compact JSON, because a small model given free whitespace can fill
 max_tokens with newlines; True allows any whitespace, as vLLM does by default). Unknown
@@ -121,7 +123,7 @@ class HFEngine(Engine):
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
         config = self.hf_model.config
         self.max_batch_size = _positive(self.options, "max_batch_size", 16)
-        self.max_prefill_tokens = _positive(self.options, "max_prefill_tokens", 512)
+        self.max_prefill_tokens = _positive(self.options, "max_prefill_tokens", 256)
         self._max_len = int(self.options.get("max_model_len") or config.max_position_embeddings)
         self.vocab_size = config.vocab_size
         eos = self.hf_model.generation_config.eos_token_id
