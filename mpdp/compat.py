@@ -14,25 +14,26 @@ to the pool. When ``engine`` is not given it is "vllm" where vLLM is installed a
 visible, else "hf" on the CPU with one worker per requested GPU (at most one per core). As with
 every mpdp LM, no worker starts before the first call.
 
-``python -m mpdp.dspy multigpu`` runs the seed's example: a batch of arithmetic prompts, then a
-small ``dspy.ChainOfThought`` math evaluation through ``dspy.Evaluate``.
+Defaults (the README's table): on vLLM the seed's own, temperature 0.6, top_p 0.95 and
+max_tokens 2048; on the CPU fallback (hf) greedy and 256 tokens, as every DSPy LM on that engine
+(``mpdp.integrations.dspy.dspy_defaults`` says why). Values given are always kept.
+
+The seed's example (``python -m mpdp.dspy multigpu``) lives in ``examples/dspy_multigpu.py``.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import re
 import time
 from collections import Counter
 from typing import Any
 
-from mpdp.integrations.dspy import DEFAULT_MODEL, LM, _EngineBase, split_reasoning
+from mpdp.integrations.dspy import AUTO, DEFAULT_MODEL, LM, _EngineBase, resolve_defaults, split_reasoning
 
 logger = logging.getLogger("mpdp")
 
-__all__ = ["vLLMOfflineMultiGPU", "vLLMOffline", "main"]
+__all__ = ["vLLMOfflineMultiGPU", "vLLMOffline"]
 
 # The DSPy call keywords the pool does not take as sampling (dropped by batch_generate).
 _NOT_POOL_SAMPLING = frozenset({"rollout_id", "reasoning_effort", "top_logprobs", "num_retries", "cache"})
@@ -47,8 +48,8 @@ class vLLMOfflineMultiGPU(LM):  # noqa: N801 - the seed's name
     """
 
     def __init__(self, model: str | None = None, num_gpus: int = 4, gpu_memory_utilization: float = 0.9,
-                 max_model_len: int | None = None, max_tokens: int = 2048, temperature: float = 0.6,
-                 top_p: float = 0.95, tensor_parallel_size: int = 1, *, engine: str | None = None,
+                 max_model_len: int | None = None, max_tokens: int | None = AUTO, temperature: float | None = AUTO,
+                 top_p: float | None = AUTO, tensor_parallel_size: int = 1, *, engine: str | None = None,
                  num_workers: int | None = None, max_num_seqs: int | None = None,
                  trust_remote_code: bool | None = None, engine_options: dict[str, Any] | None = None,
                  **kw):
@@ -56,11 +57,14 @@ class vLLMOfflineMultiGPU(LM):  # noqa: N801 - the seed's name
 
         self.requested_gpus = num_gpus
         if isinstance(engine, _EngineBase):      # loading a saved program: the engines come built
+            temperature, max_tokens, top_p = _seed_defaults(engine.handle.engine_name, temperature, max_tokens,
+                                                            top_p)
             super().__init__(model, engine=engine, temperature=temperature, max_tokens=max_tokens, top_p=top_p,
                              **kw)
             return
         model = model or os.environ.get("MPDP_MODEL") or os.environ.get("VLLM_MODEL_PATH") or DEFAULT_MODEL
         engine = engine or default_engine()
+        temperature, max_tokens, top_p = _seed_defaults(engine, temperature, max_tokens, top_p)
         options = dict(engine_options or {})
         if engine == "vllm":
             vllm_options = {"gpu_memory_utilization": gpu_memory_utilization, "max_model_len": max_model_len,
@@ -131,91 +135,23 @@ class vLLMOffline(vLLMOfflineMultiGPU):  # noqa: N801 - the seed's name
     """One model instance (on one GPU, or ``tensor_parallel_size`` GPUs; one CPU worker without GPU)."""
 
     def __init__(self, model: str | None = None, tensor_parallel_size: int = 1,
-                 gpu_memory_utilization: float = 0.9, max_model_len: int | None = None, max_tokens: int = 2048,
-                 temperature: float = 0.6, top_p: float = 0.95, **kw):
+                 gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
+                 max_tokens: int | None = AUTO, temperature: float | None = AUTO, top_p: float | None = AUTO,
+                 **kw):
         kw.setdefault("num_workers", 1)
         super().__init__(model, num_gpus=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
                          max_model_len=max_model_len, max_tokens=max_tokens, temperature=temperature,
                          top_p=top_p, tensor_parallel_size=tensor_parallel_size, **kw)
 
 
+def _seed_defaults(engine: str, temperature, max_tokens, top_p):
+    """The seed's sampling defaults on vLLM (and echo); a DSPy LM's on the CPU fallback."""
+    if engine == "hf":
+        temperature, max_tokens = resolve_defaults(engine, temperature, max_tokens)
+        return temperature, max_tokens, None if top_p is AUTO else top_p
+    return (0.6 if temperature is AUTO else temperature, 2048 if max_tokens is AUTO else max_tokens,
+            0.95 if top_p is AUTO else top_p)
+
+
 def _gpu_list(gpus) -> str:
     return ",".join(str(g) for g in gpus) if isinstance(gpus, (list, tuple)) else str(gpus)
-
-
-# ─── python -m mpdp.dspy multigpu ────────────────────────────────────────────
-
-
-def _first_int(text: Any) -> int | None:
-    match = re.search(r"-?\d+", str(text or "").replace(",", ""))
-    return int(match.group()) if match else None
-
-
-def example_multigpu(args) -> float:
-    """The seed's example: a batch of sums, then ChainOfThought on small math questions."""
-    import dspy
-
-    lm = vLLMOfflineMultiGPU(model=args.model, num_gpus=args.num_gpus, engine=args.engine,
-                             num_workers=args.num_workers, temperature=args.temperature,
-                             max_tokens=args.max_tokens, cache=False)
-    dspy.configure(lm=lm)
-    print(f"configuration: {lm.inspect()}")
-
-    prompts = [f"What is {i} + {i + 1}? Answer with the number only." for i in range(args.num_prompts)]
-    start = time.monotonic()
-    results = lm.batch_generate(prompts, max_tokens=min(args.max_tokens, 16), temperature=0.0)
-    seconds = time.monotonic() - start
-    print(f"\nbatch_generate: {len(prompts)} prompts in {seconds:.2f} s ({len(prompts) / seconds:.1f}/s)")
-    for prompt, answer in list(zip(prompts, results))[:5]:
-        print(f"  {prompt} -> {answer.strip()[:50]!r}")
-
-    devset = [dspy.Example(question=f"What is {a} * {b} + {a}?", answer=str(a * b + a)).with_inputs("question")
-              for a, b in ((i % 9 + 2, i % 7 + 3) for i in range(args.num_questions))]
-
-    def metric(example, prediction, trace=None):
-        return _first_int(getattr(prediction, "answer", None)) == int(example.answer)
-
-    program = dspy.ChainOfThought("question -> answer")
-    evaluate = dspy.Evaluate(devset=devset, metric=metric, num_threads=args.threads, display_progress=True,
-                             max_errors=len(devset) + 1)   # a small model may not follow the format
-    start = time.monotonic()
-    result = evaluate(program)
-    seconds = time.monotonic() - start
-    print(f"\nChainOfThought on {len(devset)} questions: score {result.score:.1f} in {seconds:.1f} s")
-    print(f"pool: {lm.inspect().get('workers')}")
-    lm.shutdown()
-    return result.score
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m mpdp.dspy",
-        description="The seed's multi-GPU example on an mpdp pool: a batch of sums through batch_generate, "
-                    "then dspy.ChainOfThought on small math questions through dspy.Evaluate.")
-    parser.add_argument("example", nargs="?", default="multigpu", choices=["multigpu"])
-    parser.add_argument("--model", default=None, help="model folder or name (default: $MPDP_MODEL, "
-                        "$VLLM_MODEL_PATH, or the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--engine", default=None, choices=["vllm", "hf", "echo"],
-                        help="default: vllm with a GPU, else hf")
-    parser.add_argument("--num-gpus", type=int, default=None,
-                        help="default: every visible GPU (on CPU: 2 workers)")
-    parser.add_argument("--num-workers", type=int, default=None, help="CPU workers (hf/echo)")
-    parser.add_argument("--num-prompts", type=int, default=None, help="default: 100 on GPU, 8 on CPU")
-    parser.add_argument("--num-questions", type=int, default=None, help="default: 50 on GPU, 6 on CPU")
-    parser.add_argument("--threads", type=int, default=80)
-    parser.add_argument("--max-tokens", type=int, default=None, help="default: 500 on GPU, 96 on CPU")
-    parser.add_argument("--temperature", type=float, default=0.6)
-    args = parser.parse_args(argv)
-
-    from mpdp.pool import default_engine
-    from mpdp.launch.local import visible_gpus
-
-    on_gpu = (args.engine or default_engine()) == "vllm"
-    args.num_gpus = args.num_gpus or (len(visible_gpus()) if on_gpu else 2)
-    args.num_prompts = args.num_prompts or (100 if on_gpu else 8)
-    args.num_questions = args.num_questions or (50 if on_gpu else 6)
-    args.max_tokens = args.max_tokens or (500 if on_gpu else 96)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("mpdp").setLevel(logging.INFO)
-    example_multigpu(args)
-    return 0

@@ -128,6 +128,18 @@ def test_joining_a_running_batch_equals_solo(engine, solo):
         assert out[i][0].texts == solo[i].texts, MIXED[i][0]
 
 
+def test_chunked_prefill_equals_whole(engine, solo, monkeypatch):
+    # A tiny prefill budget: every prompt takes several steps, fresh and joining batches alike.
+    monkeypatch.setattr(engine, "max_prefill_tokens", 16)
+    out = drain(engine, [mixed_request(i) for i in range(3)],
+                later=[(4, mixed_request(3)), (9, mixed_request(4)), (9, mixed_request(5))])
+    for i in range(len(MIXED)):
+        assert out[i][0].texts == solo[i].texts, MIXED[i][0]
+    # Nothing comes back while a prompt is still being prefilled: 3 prompts of ~35 tokens take
+    # about 7 steps of 16 tokens (3 rows x 5 columns) before the first token.
+    assert min(step for _, step in out.values()) >= 5
+
+
 def test_short_requests_come_back_first(engine):
     out = drain(engine, [EngineRequest(id=10, prompt="Once upon a time", params={"temperature": 0, "max_tokens": 20, "ignore_eos": True}),
                          EngineRequest(id=11, prompt="Once upon a time", params={"temperature": 0, "max_tokens": 3, "ignore_eos": True}),
@@ -152,7 +164,10 @@ def test_context_window(engine):
 def test_bad_requests(engine):
     for bad in (EngineRequest(id=30, prompt_token_ids=[]),
                 EngineRequest(id=31, prompt_token_ids=[engine.vocab_size]),
-                EngineRequest(id=32, prompt="hi", params={"response_format": {"type": "json_object"}}),
+                EngineRequest(id=32, prompt="hi", params={"response_format": {"type": "yaml"}}),
+                EngineRequest(id=35, prompt="hi", params={"response_format": {
+                    "type": "json_schema", "json_schema": {"schema": {"type": "no-such-type"}}}}),
+                EngineRequest(id=36, prompt="hi", params={"response_format": {"type": "json_schema"}}),
                 EngineRequest(id=33, prompt="hi", params={"logprobs": 1000}),
                 EngineRequest(id=34)):
         with pytest.raises(ValueError):

@@ -1,29 +1,45 @@
-"""The ``hf`` engine: plain transformers on CPU (or one GPU), batched, one decoding step per call.
+"""The ``hf`` engine: plain transformers on CPU (or one GPU), batched, a short slice of work per call.
 
 Requests wait in a queue; when no batch runs, up to ``max_batch_size`` rows (a request with
 ``n`` choices is ``n`` rows) are left-padded and prefilled together, then every ``step()``
 decodes one token for each live row with the KV cache. While a batch runs, waiting requests
-that fit join it: one step prefills them alone, and their cache is merged in (left-padded).
+that fit join it: they are prefilled alone, in steps that alternate with the running batch's
+decoding steps, and their cache is merged in (left-padded) once their prefill is done.
 A row leaves the batch (and its cache slice is dropped) as soon as its request is done, and
 the request is returned in that step. Pad columns are masked and positions count only real
 tokens, so greedy text batched equals greedy text alone (tests check it; only float rounding
 in differently shaped matmuls could ever tell them apart).
 
-Params: max_tokens (default 16; ``None`` = up to the context limit), temperature (default 1.0
-as in vLLM; 0 = greedy argmax), top_p, top_k, n, seed, stop, ignore_eos, presence_penalty and
-frequency_penalty (subtracted from the logits over the generated tokens, as vLLM does),
-logprobs (k in 0..20: the chosen token's logprob plus the top k, from the raw model
-distribution; per choice a list of {"token_id", "token", "logprob", "top_logprobs": [...]}),
-chat_template_kwargs. ``response_format`` other than plain text is refused (ValueError): this
-engine cannot enforce it.
+Prefill is chunked: one ``step()`` prefills at most ``max_prefill_tokens`` (rows x columns,
+padding included), so a long prompt (7,000 tokens: ~14 s in one step on 2 cores, ~18 s in
+steps of at most 2 s with a budget of 512) is many short steps and the worker keeps sending
+heartbeats between them; a step that never returns still goes silent and is caught as a hang.
+The default budget, 256, leaves room for a machine whose cores other processes also use
+(torch's threads then slow down several times).
 
-Options: max_batch_size (16), dtype ("float32"), max_model_len (the config's), device (a GPU
-when the placement has one, else "cpu").
+Params: max_tokens (default 16; ``None`` = up to the context limit), temperature (default 1.0
+as in vLLM; 0, or below 1e-5 as vLLM rounds it, = greedy argmax), top_p, top_k, n, seed, stop,
+ignore_eos, presence_penalty and frequency_penalty (subtracted from the logits over the
+generated tokens, as vLLM does), logprobs (k in 0..20: the chosen token's logprob plus the top
+k, from the raw model distribution; per choice a list of {"token_id", "token", "logprob",
+"top_logprobs": [...]}), chat_template_kwargs, and ``response_format`` as vLLM's OpenAI server
+takes it: ``{"type": "text"}``, ``{"type": "json_object"}`` (any JSON object) or
+``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}``. JSON formats are
+enforced while decoding with xgrammar: each row has its own grammar matcher, whose token
+bitmask is applied to the logits before the token is chosen (greedy or sampled), so the
+output always parses, unless max_tokens cuts it (finish_reason "length", as in vLLM).
+
+Options: max_batch_size (16), max_prefill_tokens (256), dtype ("float32"), max_model_len (the
+config's), device (a GPU when the placement has one, else "cpu"), json_any_whitespace (False:
+the grammar allows only compact JSON, because a small model given free whitespace can fill
+max_tokens with newlines; True allows any whitespace, as vLLM does by default). Unknown
+options raise ValueError.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 import random
 import sys
 from dataclasses import dataclass, field
@@ -32,6 +48,11 @@ from typing import Any
 from mpdp.engines.base import ContextWindowExceeded, Engine, EngineRequest, EngineResult, WorkerPlacement
 
 MAX_LOGPROBS = 20
+OPTIONS = frozenset({"max_batch_size", "max_prefill_tokens", "dtype", "max_model_len", "device",
+                     "json_any_whitespace"})
+# vLLM treats a temperature below this as greedy (vllm/sampling_params.py, _SAMPLING_EPS); dividing
+# logits by 1e-40 would overflow to inf and make the softmax NaN.
+SAMPLING_EPS = 1e-5
 
 
 @dataclass(eq=False)
@@ -49,8 +70,9 @@ class _Request:
     logprobs: int | None
     seed: int | None
     n: int
+    grammar: Any = None  # xgrammar CompiledGrammar for a JSON response_format, else None
     rows: list["_Row"] = field(default_factory=list)
-    dead: bool = False
+    dead: bool = False   # aborted, or failed (then reported once, at once)
 
 
 @dataclass(eq=False)
@@ -59,6 +81,7 @@ class _Row:
 
     req: _Request
     generator: Any  # torch.Generator, only when sampling
+    matcher: Any = None  # xgrammar GrammarMatcher, only with a JSON response_format
     tokens: list[int] = field(default_factory=list)
     text: str | None = None
     finish_reason: str | None = None
@@ -73,6 +96,9 @@ class HFEngine(Engine):
 
     def __init__(self, model: str, options: dict[str, Any], placement: WorkerPlacement):
         super().__init__(model, options, placement)
+        unknown = sorted(set(options) - OPTIONS)
+        if unknown:
+            raise ValueError(f"unknown hf engine options {unknown}; known: {sorted(OPTIONS)}")
         # Imported here: the parent process imports this class without paying for torch.
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -97,7 +123,8 @@ class HFEngine(Engine):
         params = inspect.signature(self.hf_model.forward).parameters
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
         config = self.hf_model.config
-        self.max_batch_size = int(self.options.get("max_batch_size", 16))
+        self.max_batch_size = _positive(self.options, "max_batch_size", 16)
+        self.max_prefill_tokens = _positive(self.options, "max_prefill_tokens", 256)
         self._max_len = int(self.options.get("max_model_len") or config.max_position_embeddings)
         self.vocab_size = config.vocab_size
         eos = self.hf_model.generation_config.eos_token_id
@@ -107,8 +134,12 @@ class HFEngine(Engine):
         self.eos_ids = set(eos)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.waiting: list[_Request] = []
-        self.batch: _Batch | None = None
-        self._joined = False  # the last step prefilled newcomers: the next one decodes
+        self.batch: _Batch | None = None      # decoding
+        self.incoming: _Batch | None = None   # being prefilled, chunk by chunk
+        self._prefilled = False  # the last step prefilled while a batch runs: the next one decodes
+        self._grammars = _Grammars(self.tokenizer, self.vocab_size, sorted(self.eos_ids),
+                                   bool(self.options.get("json_any_whitespace", False)),
+                                   threads=placement.num_threads)
 
     # -- Engine interface ------------------------------------------------------------------
 
@@ -121,48 +152,69 @@ class HFEngine(Engine):
         return self._max_len
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting) or self.batch is not None
+        return bool(self.waiting) or self.batch is not None or self.incoming is not None
 
     def abort(self, request_ids: list[int]) -> None:
         ids = set(request_ids)
         self.waiting = [r for r in self.waiting if r.id not in ids]
-        if self.batch is not None:
-            for row in self.batch.rows:
+        for batch in (self.batch, self.incoming):
+            for row in batch.rows if batch is not None else ():
                 if row.req.id in ids:
                     row.req.dead = True  # its rows leave the batch at the next step
-            if all(row.req.dead for row in self.batch.rows):
-                self.batch = None
+        if self.batch is not None and all(row.req.dead for row in self.batch.rows):
+            self.batch = None
+        if self.incoming is not None and all(row.req.dead for row in self.incoming.rows):
+            self.incoming = None
 
     def add(self, request: EngineRequest) -> None:
         self.waiting.append(self._prepare(request))
 
     def step(self) -> list[EngineResult]:
         with self._torch.inference_mode():
+            if self.incoming is None:
+                self.incoming = self._next_incoming()
+            # Prefill chunks alternate with decoding steps, so running rows keep moving.
+            if self.incoming is not None and (self.batch is None or not self._prefilled):
+                self._prefilled = self.batch is not None
+                return self._prefill_step()
+            self._prefilled = False
             if self.batch is None:
-                if not self.waiting:
-                    return []
-                self.batch = self._take_batch(self.max_batch_size, first_always=True)
-                results = self._advance(self.batch, self.batch.prefill())
-            elif self.waiting and not self._joined and self.batch.can_join() and self._fits():
-                # Newcomers join the running batch: prefill them alone (this step), then
-                # merge their cache in. Never two joins in a row, so running rows keep moving.
-                new = self._take_batch(self.max_batch_size - len(self.batch.rows))
-                results = self._advance(new, new.prefill())
-                if new.rows:
-                    self.batch.merge(new)
-                self._joined = True
-                return results
-            else:
-                results = self._advance(self.batch, self.batch.decode())
-            self._joined = False
+                return []
+            results = self._advance(self.batch, self.batch.decode())
             if not self.batch.rows:
                 self.batch = None
         return results
 
     def close(self) -> None:
-        self.batch = None
+        self.batch = self.incoming = None
         self.waiting = []
         self.hf_model = None
+
+    def _next_incoming(self) -> "_Batch | None":
+        """The rows to prefill next: a fresh batch, or newcomers that fit beside the running one."""
+        if not self.waiting:
+            return None
+        if self.batch is None:
+            return self._take_batch(self.max_batch_size, first_always=True)
+        if self.batch.can_join() and self._fits():
+            return self._take_batch(self.max_batch_size - len(self.batch.rows))
+        return None
+
+    def _prefill_step(self) -> list[EngineResult]:
+        """One chunk of the incoming prefill; on its last chunk the rows get their first token
+        and join (or become) the running batch."""
+        new = self.incoming
+        logits = new.prefill_chunk(self.max_prefill_tokens)
+        if logits is None:
+            return []
+        self.incoming = None
+        results = self._advance(new, logits)
+        if new.rows:
+            if self.batch is None:
+                self.batch = new
+            else:
+                self.batch.merge(new)
+        return results
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -185,9 +237,7 @@ class HFEngine(Engine):
                 f"the prompt has {len(ids)} tokens and max_tokens is {max_tokens}: together "
                 f"{len(ids) + max_tokens} > the context limit (max_model_len) of {self._max_len} "
                 f"tokens; lower max_tokens to at most {self._max_len - len(ids)}")
-        fmt = p.get("response_format")
-        if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type", "text") == "text"):
-            raise ValueError("response_format is not supported by the hf engine (use vllm)")
+        grammar = self._grammars.compile(p.get("response_format"))
         stop = p.get("stop") or []
         stop = [stop] if isinstance(stop, str) else list(stop)
         if not all(isinstance(s, str) and s for s in stop):
@@ -198,6 +248,8 @@ class HFEngine(Engine):
             if not 0 <= logprobs <= MAX_LOGPROBS:
                 raise ValueError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {logprobs}")
         temperature = _float(p, "temperature", 1.0, low=0.0)
+        if temperature < SAMPLING_EPS:
+            temperature = 0.0
         top_p = _float(p, "top_p", 1.0, low=0.0)
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
@@ -208,7 +260,8 @@ class HFEngine(Engine):
             ignore_eos=bool(p.get("ignore_eos", False)),
             presence_penalty=_float(p, "presence_penalty", 0.0),
             frequency_penalty=_float(p, "frequency_penalty", 0.0),
-            logprobs=logprobs, seed=None if seed is None else int(seed), n=_int(p, "n", 1, low=1))
+            logprobs=logprobs, seed=None if seed is None else int(seed), n=_int(p, "n", 1, low=1),
+            grammar=grammar)
         for i in range(req.n):
             generator = None
             if req.temperature > 0:
@@ -216,7 +269,7 @@ class HFEngine(Engine):
                 # else shares its batch; choices of one request get different streams.
                 generator = self._torch.Generator(device=self.device)
                 generator.manual_seed((req.seed if req.seed is not None else random.getrandbits(62)) + i)
-            req.rows.append(_Row(req, generator))
+            req.rows.append(_Row(req, generator, self._grammars.matcher(grammar)))
         return req
 
     def _prompt_ids(self, request: EngineRequest) -> list[int]:
@@ -234,9 +287,18 @@ class HFEngine(Engine):
                 raise TypeError(f"prompt must be a str, got {type(request.prompt).__name__}")
             return self.tokenizer(request.prompt).input_ids
         kwargs = {"add_generation_prompt": True, **(request.params.get("chat_template_kwargs") or {})}
+        messages = _text_messages(request.messages)
         # Render to text, then tokenize without adding special tokens (the template has them),
         # as vLLM does; 5.x's tokenize=True would return a BatchEncoding anyway.
-        text = self.tokenizer.apply_chat_template(_text_messages(request.messages), tokenize=False, **kwargs)
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+        except Exception as exc:
+            # Jinja errors (a template raising, an undefined name from chat_template_kwargs) are
+            # this request's fault: fail it alone instead of the worker's loop.
+            raise ValueError(f"the chat template failed: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(text, str):
+            raise ValueError(f"the chat template gave {type(text).__name__}, not text "
+                             "(check chat_template_kwargs)")
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
     def _fits(self) -> bool:
@@ -256,20 +318,28 @@ class HFEngine(Engine):
         """Append one chosen token to every row of ``batch``; drop the rows that are done."""
         torch = self._torch
         logits = logits.float()
-        chosen = self._choose(batch.rows, logits)
-        finished_reqs = []
-        for row, token, row_logits in zip(batch.rows, chosen, logits):
-            if row.req.dead:
+        chosen, failures = self._choose(batch.rows, logits)
+        results, finished_reqs = [], []
+        for i, (row, token, row_logits) in enumerate(zip(batch.rows, chosen, logits)):
+            req = row.req
+            if req.dead:
+                continue
+            if i not in failures and row.matcher is not None and not row.matcher.accept_token(token):
+                failures[i] = RuntimeError(f"the grammar refused token {token}, which its own mask allowed")
+            if i in failures:
+                # This row's own arithmetic failed: the request fails alone, the batch goes on.
+                req.dead = True
+                results.append(EngineResult.failure(req.id, failures[i]))
                 continue
             row.tokens.append(token)
-            if row.req.logprobs is not None:
-                row.logprobs.append(self._logprob_entry(row_logits, token, row.req.logprobs))
+            if req.logprobs is not None:
+                row.logprobs.append(self._logprob_entry(row_logits, token, req.logprobs))
             self._check_finish(row)
             # A request's rows are all in this batch or already gone, so exactly its last
             # row to finish sees them all finished: the request is reported once.
-            if row.finish_reason is not None and all(r.finish_reason for r in row.req.rows):
-                finished_reqs.append(row.req)
-        results = [self._result(req) for req in finished_reqs]
+            if row.finish_reason is not None and all(r.finish_reason for r in req.rows):
+                finished_reqs.append(req)
+        results += [self._result(req) for req in finished_reqs]
         keep = [i for i, row in enumerate(batch.rows) if row.finish_reason is None and not row.req.dead]
         if len(keep) < len(batch.rows):
             batch.select(keep)  # finished rows stop costing compute
@@ -277,21 +347,27 @@ class HFEngine(Engine):
                                          device=self.device)
         return results
 
-    def _choose(self, rows: list[_Row], logits) -> list[int]:
+    def _choose(self, rows: list[_Row], logits) -> tuple[list[int], dict[int, Exception]]:
+        """The next token of every row, and the rows whose sampling failed (index -> error)."""
         torch = self._torch
-        logits = logits.clone()
+        logits = logits.clone()   # the raw logits stay for logprobs, as vLLM reports them
         for i, row in enumerate(rows):
             req = row.req
             if (req.presence_penalty or req.frequency_penalty) and row.tokens:
                 counts = torch.bincount(torch.tensor(row.tokens, device=logits.device),
                                         minlength=logits.shape[-1]).to(logits.dtype)
                 logits[i] -= req.frequency_penalty * counts + req.presence_penalty * (counts > 0)
+        self._grammars.mask(rows, logits)   # -inf wherever a row's grammar forbids the token
         # Greedy rows: one argmax for the whole batch, the same op generate(do_sample=False) uses.
         chosen = logits.argmax(dim=-1).tolist()
+        failures: dict[int, Exception] = {}
         for i, row in enumerate(rows):
             if row.req.temperature > 0 and not row.req.dead:
-                chosen[i] = self._sample(logits[i], row)
-        return chosen
+                try:
+                    chosen[i] = self._sample(logits[i], row)
+                except Exception as exc:   # e.g. torch's "invalid multinomial distribution"
+                    failures[i] = exc
+        return chosen, failures
 
     def _sample(self, logits, row: _Row) -> int:
         torch = self._torch
@@ -303,8 +379,10 @@ class HFEngine(Engine):
         probs = torch.softmax(logits, dim=-1)
         if req.top_p < 1.0:
             sorted_probs, order = torch.sort(probs, descending=True)
-            # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+            # Keep the smallest prefix whose mass reaches top_p, and always the top token: a
+            # top_p below float32's resolution (1e-300 rounds to 0) would otherwise drop them all.
             drop = sorted_probs.cumsum(-1) - sorted_probs >= req.top_p
+            drop[0] = False
             sorted_probs = sorted_probs.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
         return int(torch.multinomial(probs, 1, generator=row.generator).item())
@@ -322,6 +400,8 @@ class HFEngine(Engine):
         req = row.req
         if row.tokens[-1] in self.eos_ids and not req.ignore_eos:
             row.finish_reason = "stop"
+        elif row.matcher is not None and row.matcher.is_terminated():
+            row.finish_reason = "stop"   # the JSON is complete (its stop token was accepted)
         elif req.stop:
             text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
             cuts = [text.find(s) for s in req.stop if s in text]
@@ -362,24 +442,37 @@ class _Batch:
         self.input_ids, self.mask = ids.to(engine.device), mask.to(engine.device)
         # Pads get position 1 (as generate() does); they are masked anyway.
         self.positions = (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 1)
+        self.prefilled = 0   # prompt columns already in the cache
 
-    def prefill(self):
+    def prefill_chunk(self, budget: int):
+        """Prefill the next columns, at most ``budget`` tokens (rows x columns); the last
+        column's logits once the whole prompt is in the cache, else None."""
+        torch = self.engine._torch
         if not self.rows:
-            return self.input_ids.new_zeros((0, self.engine.vocab_size), dtype=self.engine._torch.float32)
-        # No cache passed: the model makes its own (a DynamicCache) and returns it.
-        return self._forward(self.input_ids, self.positions)
+            return torch.zeros((0, self.engine.vocab_size), dtype=torch.float32, device=self.engine.device)
+        width = self.input_ids.shape[1]
+        start = self.prefilled
+        end = min(width, start + max(1, budget // len(self.rows)))
+        # The first chunk has no cache: the model makes its own (a DynamicCache) and returns it;
+        # later chunks attend to it through the mask over every column so far.
+        logits = self._forward(self.input_ids[:, start:end], self.positions[:, start:end], self.mask[:, :end])
+        self.prefilled = end
+        if end < width:
+            return None
+        self.positions, self.input_ids = self.positions[:, -1:], None
+        return logits
 
     def decode(self):
         self.mask = self.engine._torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=-1)
-        return self._forward(self.last_tokens, self.positions + 1)
+        self.positions = self.positions + 1
+        return self._forward(self.last_tokens, self.positions, self.mask)
 
-    def _forward(self, input_ids, positions):
+    def _forward(self, input_ids, positions, mask):
         engine = self.engine
         kwargs = {} if self.cache is None else {engine.cache_kwarg: self.cache}
-        out = engine.hf_model(input_ids=input_ids, attention_mask=self.mask, position_ids=positions,
+        out = engine.hf_model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                               use_cache=True, logits_to_keep=1, **kwargs)
         self.cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-        self.positions = positions[:, -1:]
         return out.logits[:, -1, :]
 
     def can_join(self) -> bool:
@@ -421,6 +514,74 @@ class _Batch:
         self.rows = self.rows + other.rows
 
 
+class _Grammars:
+    """``response_format`` -> an xgrammar grammar, and each row's matcher and token mask.
+
+    xgrammar is imported and its tokenizer table built on the first JSON request only. The
+    compiler caches grammars, so DSPy's one schema per signature is compiled once per worker.
+    """
+
+    def __init__(self, tokenizer, vocab_size: int, stop_ids: list[int], any_whitespace: bool,
+                 threads: int = 1):
+        self.tokenizer, self.vocab_size, self.stop_ids = tokenizer, vocab_size, stop_ids
+        self.any_whitespace, self.threads = any_whitespace, threads
+        self._xgr = self._compiler = None
+
+    def compile(self, fmt: Any):
+        """The compiled grammar for this response_format (the shapes the vllm engine maps), or None."""
+        if fmt is None:
+            return None
+        if not isinstance(fmt, dict):
+            raise ValueError(f"response_format must be a dict, not {type(fmt).__name__}")
+        kind = fmt.get("type")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            schema: Any = {"type": "object"}   # what vLLM compiles for json_object
+        elif kind == "json_schema":
+            spec = fmt.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if not isinstance(schema, (dict, str)):
+                raise ValueError("response_format json_schema needs {'json_schema': {'schema': {...}}}")
+        else:
+            raise ValueError(f"unsupported response_format type {kind!r}; use 'text', 'json_object' or 'json_schema'")
+        compiler = self._load()
+        text = schema if isinstance(schema, str) else json.dumps(schema)
+        try:
+            return compiler.compile_json_schema(text, any_whitespace=self.any_whitespace)
+        except Exception as exc:   # xgrammar raises RuntimeError and friends for a bad schema
+            raise ValueError(f"response_format: xgrammar cannot compile this JSON schema: {exc}") from exc
+
+    def matcher(self, grammar: Any):
+        return None if grammar is None else self._xgr.GrammarMatcher(grammar)
+
+    def mask(self, rows: list[_Row], logits) -> None:
+        """Set to -inf, in place, every logit the row's grammar does not allow next."""
+        constrained = [i for i, row in enumerate(rows) if row.matcher is not None and not row.req.dead]
+        if not constrained:
+            return
+        xgr = self._xgr
+        bitmask = xgr.allocate_token_bitmask(len(rows), self.vocab_size)
+        for i in constrained:
+            rows[i].matcher.fill_next_token_bitmask(bitmask, i)
+        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=constrained)
+
+    def _load(self):
+        if self._compiler is None:
+            try:
+                import xgrammar
+            except ImportError as exc:
+                raise ValueError("response_format json_object/json_schema on the hf engine needs the "
+                                 "xgrammar package (pip install 'mpdp[cpu]')") from exc
+            # The model's logits width (config.vocab_size) can exceed the tokenizer's; the mask
+            # must cover it. Our EOS ids are the grammar's stop tokens: it ends on them alone.
+            info = xgrammar.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
+                                                           stop_token_ids=self.stop_ids)
+            self._xgr = xgrammar
+            self._compiler = xgrammar.GrammarCompiler(info, max_threads=max(1, self.threads))
+        return self._compiler
+
+
 def _text_messages(messages: Any) -> list[dict[str, Any]]:
     """OpenAI-style content parts -> plain strings (text templates like SmolLM2's need str)."""
     if not isinstance(messages, list) or not messages:
@@ -441,6 +602,13 @@ def _text_messages(messages: Any) -> list[dict[str, Any]]:
             m = {**m, "content": ""}
         out.append(m)
     return out
+
+
+def _positive(options: dict, key: str, default: int) -> int:
+    value = options.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"the hf engine option {key} must be a positive int, got {value!r}")
+    return value
 
 
 def _int(params: dict, key: str, default: int, low: int | None = None) -> int:

@@ -57,12 +57,16 @@ except ImportError:                    # DSPy 3.3: only PoolLM works
 
 logger = logging.getLogger("mpdp")
 
-__all__ = ["LM", "MpdpEngine", "AsyncMpdpEngine", "PoolLM", "PoolSpec", "PoolHandle", "split_reasoning"]
+__all__ = ["LM", "MpdpEngine", "AsyncMpdpEngine", "PoolLM", "PoolSpec", "PoolHandle", "split_reasoning",
+           "dspy_defaults"]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 # Engines default to 16 new tokens (vLLM's SamplingParams default); DSPy prompts want whole answers.
 DEFAULT_MAX_TOKENS = 2048
 PROVIDER = "mpdp"
+# "Not given": the LM picks its defaults for the engine it runs on (dspy_defaults); None stays
+# meaningful ("leave it to the engine"), as in dspy.LM.
+AUTO: Any = type("Auto", (), {"__repr__": lambda self: "AUTO"})()
 
 # Sampling keywords DSPy carries in a canonical Request (so they are part of its cache key and can
 # be given per call). Any other sampling keyword given to LM() (ignore_eos, chat_template_kwargs)
@@ -203,6 +207,27 @@ def spec_of_pool(pool: Any, model: str | None) -> PoolSpec:
     return PoolSpec(model=model or getattr(pool, "model", None) or DEFAULT_MODEL,
                     engine=getattr(pool, "engine", None), num_workers=getattr(pool, "num_workers", None),
                     sampling=dict(getattr(pool, "defaults", None) or {}))
+
+
+def dspy_defaults(engine: str) -> dict[str, Any]:
+    """The sampling defaults of a DSPy LM on this engine (the README's defaults table).
+
+    hf (CPU, the embedded 135M model): greedy and 256 tokens. Sampled at the engine's 1.0, a
+    small model wanders off DSPy's format and often never emits EOS, so every call ran to
+    max_tokens (2,048 tokens: ~140 s a call on 2 cores); greedy answers are also what DSPy's cache
+    can reuse. 256 tokens hold an answer or a short chain of thought. vllm and echo: the model's
+    own generation config (temperature None) and 2,048 tokens, room for reasoning models.
+    """
+    if engine == "hf":
+        return {"temperature": 0.0, "max_tokens": 256}
+    return {"temperature": None, "max_tokens": DEFAULT_MAX_TOKENS}
+
+
+def resolve_defaults(engine: str, temperature: Any, max_tokens: Any) -> tuple[Any, Any]:
+    """``temperature`` / ``max_tokens`` with AUTO replaced by the engine's DSPy default."""
+    defaults = dspy_defaults(engine)
+    return (defaults["temperature"] if temperature is AUTO else temperature,
+            defaults["max_tokens"] if max_tokens is AUTO else max_tokens)
 
 
 # ─── Request → pool call, Completion → Response ──────────────────────────────
@@ -358,7 +383,9 @@ class _EngineBase:
     """What the sync and async engines share: the handle, the conversions, and saving."""
 
     supports_function_calling = False
-    supports_response_schema = False
+    # Both real engines enforce json_object and json_schema while decoding (vLLM's structured
+    # outputs, xgrammar on hf), so DSPy's JSONAdapter sends the signature's schema.
+    supports_response_schema = True
 
     def __init__(self, pool: Any = None, *, spec: PoolSpec | None = None, handle: PoolHandle | None = None,
                  keep_reasoning: bool = False, request_timeout: float | None = None,
@@ -379,9 +406,8 @@ class _EngineBase:
 
     @property
     def supported_params(self) -> frozenset[str]:
-        # DSPy's JSONAdapter sends response_format only where this lists it: the hf engine refuses it.
-        params = _SAMPLING_PARAMS
-        return params if self.handle.engine_name == "hf" else params | {"response_format"}
+        # DSPy's JSONAdapter sends response_format only where this lists it.
+        return _SAMPLING_PARAMS | {"response_format"}
 
     @property
     def model(self) -> str:
@@ -490,8 +516,9 @@ class LM(dspy.LM):
     """A ``dspy.LM`` served by an mpdp pool (recommended).
 
     ``engine`` names the pool's engine ("vllm", "hf", "echo"; None: "vllm" with vLLM and a GPU,
-    else "hf"). ``pool=`` serves through an existing pool instead of starting one. ``max_tokens``
-    defaults to 2048 (the engines' own default is 16). Sampling
+    else "hf"). ``pool=`` serves through an existing pool instead of starting one.
+    ``temperature`` and ``max_tokens`` not given: greedy and 256 tokens on the hf engine, the
+    model's own temperature and 2048 tokens elsewhere (:func:`dspy_defaults` says why). Sampling
     keywords DSPy carries (temperature, max_tokens, top_p, top_k, stop, seed, penalties,
     logprobs, response_format) are DSPy defaults, part of its cache key and overridable per call;
     others (ignore_eos, chat_template_kwargs) become the pool's defaults.
@@ -505,10 +532,11 @@ class LM(dspy.LM):
                  num_gpus: int | None = None, tensor_parallel_size: int = 1,
                  engine_options: dict[str, Any] | None = None, pool: Any = None,
                  keep_reasoning: bool = False, request_timeout: float | None = None,
-                 async_engine: Any = None, temperature: float | None = None,
-                 max_tokens: int | None = DEFAULT_MAX_TOKENS, cache: bool = True, num_retries: int = 3,
+                 async_engine: Any = None, temperature: float | None = AUTO,
+                 max_tokens: int | None = AUTO, cache: bool = True, num_retries: int = 3,
                  callbacks=None, model_type: str = "chat", launcher: str = "local",
-                 ray_address: str | None = None, **kwargs):
+                 ray_address: str | None = None,
+                 **kwargs):
         if lm15 is None:
             raise ImportError(f"mpdp.dspy.LM needs DSPy >= 3.4 (dspy.LM(engine=...)); this is DSPy "
                               f"{dspy.__version__}: use mpdp.dspy.PoolLM, or upgrade DSPy")
@@ -542,6 +570,7 @@ class LM(dspy.LM):
             sync_engine = MpdpEngine(pool, spec=spec, keep_reasoning=keep_reasoning,
                                      request_timeout=request_timeout)
             async_engine = sync_engine.async_engine()
+        temperature, max_tokens = resolve_defaults(sync_engine.handle.engine_name, temperature, max_tokens)
         super().__init__(model=model, model_type=model_type, temperature=temperature, max_tokens=max_tokens,
                          cache=cache, callbacks=callbacks, num_retries=num_retries, engine=sync_engine,
                          async_engine=async_engine, **kwargs)
@@ -595,8 +624,8 @@ class PoolLM(dspy.BaseLM):
     def __init__(self, model: str | None = None, engine: str | None = None, *, num_workers: int | None = None,
                  num_gpus: int | None = None, tensor_parallel_size: int = 1,
                  engine_options: dict[str, Any] | None = None, pool: Any = None, keep_reasoning: bool = False,
-                 request_timeout: float | None = None, temperature: float | None = None,
-                 max_tokens: int | None = DEFAULT_MAX_TOKENS, cache: bool = False, **kwargs):
+                 request_timeout: float | None = None, temperature: float | None = AUTO,
+                 max_tokens: int | None = AUTO, cache: bool = False, **kwargs):
         if pool is not None:
             spec = spec_of_pool(pool, model)
         else:
@@ -606,6 +635,7 @@ class PoolLM(dspy.BaseLM):
         self.handle = PoolHandle(spec, pool=pool)
         self.keep_reasoning = keep_reasoning
         self.request_timeout = request_timeout
+        temperature, max_tokens = resolve_defaults(self.handle.engine_name, temperature, max_tokens)
         super().__init__(model=model or spec.model, temperature=temperature, max_tokens=max_tokens,
                          cache=cache, **kwargs)
 
