@@ -71,6 +71,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="GPUs per worker (default: %(default)s)")
     pool.add_argument("--engine-option", action="append", default=[], metavar="KEY=JSON",
                       help="engine option, e.g. max_model_len=4096 (repeatable)")
+    pool.add_argument("--routing", default="cache_aware", choices=("cache_aware", "least_loaded", "prefix_affinity"),
+                      help="how requests are placed on workers (default: %(default)s)")
     pool.add_argument("--launcher", default="local", choices=("local", "ray"),
                       help="where workers run: this machine, or a Ray cluster (default: %(default)s)")
     pool.add_argument("--ray-address", default=None, metavar="ADDRESS",

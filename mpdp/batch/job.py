@@ -94,7 +94,8 @@ def _run(args, plan: checks.Plan, signals: Signals) -> int:
     try:
         pool = Pool(plan.model, engine=plan.engine, num_workers=args.num_workers, num_gpus=args.num_gpus,
                     tensor_parallel_size=args.tensor_parallel_size, engine_options=plan.engine_options,
-                    launcher=args.launcher, ray_address=args.ray_address, **plan.sampling)
+                    launcher=args.launcher, ray_address=args.ray_address, routing=args.routing,
+                    **plan.sampling)
     except (ValueError, TypeError) as exc:      # raised before any worker was started
         print(f"mpdp generate: error: {exc}", file=sys.stderr)
         return 2

@@ -72,6 +72,7 @@ class _Request:
     n: int
     grammar: Any = None  # xgrammar CompiledGrammar for a JSON response_format, else None
     rows: list["_Row"] = field(default_factory=list)
+    stream: bool = False   # report new text every decoding step (partial results)
     dead: bool = False   # aborted, or failed (then reported once, at once)
 
 
@@ -86,6 +87,7 @@ class _Row:
     text: str | None = None
     finish_reason: str | None = None
     logprobs: list[dict] = field(default_factory=list)
+    sent: int = 0        # characters already streamed
 
 
 class HFEngine(Engine):
@@ -261,7 +263,7 @@ class HFEngine(Engine):
             presence_penalty=_float(p, "presence_penalty", 0.0),
             frequency_penalty=_float(p, "frequency_penalty", 0.0),
             logprobs=logprobs, seed=None if seed is None else int(seed), n=_int(p, "n", 1, low=1),
-            grammar=grammar)
+            grammar=grammar, stream=bool(request.stream))
         for i in range(req.n):
             generator = None
             if req.temperature > 0:
@@ -340,6 +342,10 @@ class HFEngine(Engine):
             if row.finish_reason is not None and all(r.finish_reason for r in req.rows):
                 finished_reqs.append(req)
         results += [self._result(req) for req in finished_reqs]
+        done = {id(req) for req in finished_reqs}
+        results += [p for req in {id(r.req): r.req for r in batch.rows}.values()
+                    if req.stream and not req.dead and id(req) not in done
+                    and (p := self._partial(req)) is not None]
         keep = [i for i, row in enumerate(batch.rows) if row.finish_reason is None and not row.req.dead]
         if len(keep) < len(batch.rows):
             batch.select(keep)  # finished rows stop costing compute
@@ -412,6 +418,26 @@ class HFEngine(Engine):
             row.finish_reason = "length"
         if row.finish_reason is not None and row.text is None:
             row.text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+
+    def _partial(self, req: _Request) -> EngineResult | None:
+        """The text each choice decoded since the last partial. Held back: a trailing incomplete
+        character, and as many characters as a stop string could still need, so that what was
+        streamed is always a prefix of the final text."""
+        hold = max((len(s) for s in req.stop), default=1) - 1
+        deltas = []
+        for row in req.rows:
+            if row.finish_reason is not None:
+                deltas.append("")
+                continue
+            text = self.tokenizer.decode(row.tokens, skip_special_tokens=True).rstrip("\ufffd")
+            upto = max(row.sent, len(text) - hold)
+            deltas.append(text[row.sent:upto])
+            row.sent = upto
+        if not any(deltas):
+            return None
+        return EngineResult(id=req.id, texts=deltas, finish_reasons=[""] * len(deltas),
+                            prompt_tokens=len(req.prompt_ids),
+                            completion_tokens=sum(len(r.tokens) for r in req.rows), finished=False)
 
     def _result(self, req: _Request) -> EngineResult:
         return EngineResult(

@@ -75,7 +75,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       help="GPUs per worker (default: %(default)s)")
     pool.add_argument("--engine-option", action="append", default=[], type=_option, metavar="KEY=JSON",
                       help="engine option, e.g. max_model_len=4096 (repeatable)")
-    pool.add_argument("--routing", default="least_loaded", choices=("least_loaded", "prefix_affinity"),
+    pool.add_argument("--routing", default="cache_aware", choices=("cache_aware", "least_loaded", "prefix_affinity"),
                       help="how requests are placed on workers (default: %(default)s)")
     pool.add_argument("--max-pending", type=_positive, default=100_000, metavar="N",
                       help="requests the pool holds at once; more wait for room (default: %(default)s)")
