@@ -1,6 +1,6 @@
 """DSPy on the CPU engine, and what grammar masking costs: one run, one machine.
 
-    python bench/dspy_cpu.py [--json out.json]
+    python -m bench.dspy_cpu [--json out.json]
 
 1. The 20-question capital-city evaluation of ``examples/dspy_capitals.py`` (``dspy.Predict``,
    ``Evaluate(num_threads=16)``, the embedded SmolLM2-135M-Instruct on 2 hf workers, the LM's CPU

@@ -7,7 +7,7 @@ task one at a time, and reports requests/s and p50/p99 latency; then the same th
 above a few concurrent requests on 2 cores and measured itself, not the server). The pool and
 the server each have 2 echo workers; the direct pool is closed before the server starts.
 
-    python bench/http_overhead.py --json out.json
+    python -m bench.http_overhead --json out.json
 """
 
 from __future__ import annotations
@@ -27,8 +27,7 @@ import time
 import aiohttp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import mpdp  # noqa: E402
+import mpdp
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France? Please answer briefly."}]
 

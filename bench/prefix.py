@@ -3,10 +3,10 @@
 One pool, every policy on fresh prompts in the same run (so the engines, their warm-up and their
 GPU are the same for all), several rounds, the policies' order rotated each round:
 
-    python bench/prefix.py --engine vllm --model MODEL_FOLDER --load-format dummy --gpus 0,0 \\
+    python -m bench.prefix --engine vllm --model MODEL_FOLDER --load-format dummy --gpus 0,0 \\
         --kv-cache-memory-bytes 21474836480 --json out/prefix.json
-    python bench/prefix.py --engine echo --json out/prefix-echo.json --scale 0.05   # CPU smoke test
-    python bench/prefix.py --micro --json out/prefix-micro.json                      # dispatcher cost
+    python -m bench.prefix --engine echo --json out/prefix-echo.json --scale 0.05   # CPU smoke test
+    python -m bench.prefix --micro --json out/prefix-micro.json                      # dispatcher cost
 
 Workloads (``--workloads``; sizes at ``--scale 1``):
   docqa    64 documents of ~3,000 tokens x 8 questions, shuffled (plain prompts)
@@ -62,11 +62,10 @@ import time
 from collections import deque
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import mpdp  # noqa: E402
-from mpdp.engines.base import EngineRequest  # noqa: E402
-from mpdp.requests import estimate_cost  # noqa: E402
-from mpdp.routing import POLICIES, Ticket, WorkerLoad  # noqa: E402
+import mpdp
+from mpdp.engines.base import EngineRequest
+from mpdp.requests import estimate_cost
+from mpdp.routing import POLICIES, Ticket, WorkerLoad
 
 POLICY_NAMES = ("least_loaded", "prefix_affinity", "cache_aware")
 WORKLOADS = ("docqa", "gepa64", "gepa8", "random", "skew")

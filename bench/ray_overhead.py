@@ -14,9 +14,9 @@ GPU (``--engine vllm --model PATH``): one GPU, vLLM through the local launcher a
 Ray launcher (a single-node Ray started here, or ``--ray-address``), same model and load:
 output tokens/s (``ignore_eos``, fixed ``--max-tokens``).
 
-    python bench/ray_overhead.py --json bench/results/ray-2core.json
-    python bench/ray_overhead.py --prompt-chars 2000 --requests 5000 --json bench/results/ray-2core-2kB.json
-    python bench/ray_overhead.py --engine vllm --model Qwen/Qwen3-8B --json bench/results/ray-1xh200.json
+    python -m bench.ray_overhead --json bench/results/ray-2core.json
+    python -m bench.ray_overhead --prompt-chars 2000 --requests 5000 --json bench/results/ray-2core-2kB.json
+    python -m bench.ray_overhead --engine vllm --model Qwen/Qwen3-8B --json bench/results/ray-1xh200.json
 """
 
 from __future__ import annotations
@@ -32,11 +32,10 @@ import time
 
 # Read when Ray is first imported: every node of the test cluster reports 127.0.0.1.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import mpdp  # noqa: E402
-from mpdp.engines.base import EngineRequest, EngineResult  # noqa: E402
-from mpdp.wire import protocol  # noqa: E402
-from mpdp.wire.protocol import Tag  # noqa: E402
+import mpdp
+from mpdp.engines.base import EngineRequest, EngineResult
+from mpdp.wire import protocol
+from mpdp.wire.protocol import Tag
 
 LOOPBACK = "127.0.0.1"
 NODE = dict(node_ip_address=LOOPBACK, num_cpus=1, resources={"sim_gpu": 1})

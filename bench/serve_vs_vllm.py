@@ -4,7 +4,7 @@ Run the same load against ``mpdp serve --engine vllm`` and ``vllm serve`` (same 
 model) to compare them: N concurrent streaming chat requests, each a fixed output length
 (``ignore_eos``, which both servers accept), until ``--requests`` are done.
 
-    python bench/serve_vs_vllm.py --base-url http://127.0.0.1:8000/v1 --model M \\
+    python -m bench.serve_vs_vllm --base-url http://127.0.0.1:8000/v1 --model M \\
         --concurrency 256 --requests 2048 --max-tokens 256 --json out.json
 
 Output tokens are counted from each stream's usage chunk (``stream_options.include_usage``);

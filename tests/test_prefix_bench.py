@@ -14,7 +14,7 @@ POLICIES = {"least_loaded", "prefix_affinity", "cache_aware"}
 
 
 def run(*args: str, out) -> dict:
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "prefix.py"), *args, "--json", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "bench.prefix", *args, "--json", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=240,
                           env=dict(os.environ, PYTHONPATH=ROOT))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -17,7 +17,7 @@ def test_serve_vs_vllm_against_the_echo_server(tmp_path):
     s = ServerProcess("--engine", "echo", "--num-workers", "1", "--served-model-name", "m", tmp_path=tmp_path)
     try:
         out = tmp_path / "load.json"
-        r = subprocess.run([sys.executable, "bench/serve_vs_vllm.py", "--base-url", s.base, "--model", "m",
+        r = subprocess.run([sys.executable, "-m", "bench.serve_vs_vllm", "--base-url", s.base, "--model", "m",
                             "--concurrency", "8", "--requests", "32", "--max-tokens", "40", "--json", str(out)],
                            cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
@@ -30,7 +30,7 @@ def test_serve_vs_vllm_against_the_echo_server(tmp_path):
 
 def test_http_overhead_runs(tmp_path):
     out = tmp_path / "overhead.json"
-    r = subprocess.run([sys.executable, "bench/http_overhead.py", "--requests", "200", "--concurrency", "1", "4",
+    r = subprocess.run([sys.executable, "-m", "bench.http_overhead", "--requests", "200", "--concurrency", "1", "4",
                         "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=200)
     assert r.returncode == 0, r.stderr
     figures = json.loads(out.read_text())
