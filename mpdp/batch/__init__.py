@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 
+from mpdp.cli_args import positive as _positive, seconds as _seconds
+
 HELP = "run a JSONL file of requests (simple or OpenAI batch format) through a pool"
 EPILOG = """\
 input formats (detected from the first line; one file holds one):
@@ -30,20 +32,6 @@ stopping and resuming:
 exit codes: 0 all done, 1 some requests failed, 2 a usage or input mistake (found before any
 worker starts), 130/143 stopped by SIGINT/SIGTERM.
 """
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

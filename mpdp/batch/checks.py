@@ -10,7 +10,6 @@ id, see ``ids.py``). It returns the plan the job runs.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from typing import Any
 
 from mpdp.batch import formats, output
 from mpdp.batch.ids import IdSet
+from mpdp.cli_args import parse_option
 
 
 class UsageError(Exception):
@@ -64,13 +64,10 @@ def prepare(args) -> Plan:
 
 
 def _option(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise UsageError(f"--engine-option wants KEY=VALUE, got {text!r}")
     try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value               # a bare string, e.g. dtype=float16
+        return parse_option(text)
+    except ValueError as exc:
+        raise UsageError(f"--engine-option {exc}") from None
 
 
 def _sampling(args) -> dict[str, Any]:

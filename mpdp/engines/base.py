@@ -81,6 +81,28 @@ class EngineResult:
         return cls(id=request_id, error_type=kind, error=message, traceback=trace)
 
 
+def json_format(response_format: Any) -> tuple[str, Any] | None:
+    """An OpenAI ``response_format`` read once for every engine: None for plain text, else
+    ("json_object", None) or ("json_schema", the schema as a dict or JSON text). ValueError
+    names what is wrong, so that every engine refuses the same things the same way."""
+    if response_format is None:
+        return None
+    if not isinstance(response_format, dict):
+        raise ValueError(f"response_format must be a dict, not {type(response_format).__name__}")
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return kind, None
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, (dict, str)):
+            raise ValueError("response_format json_schema needs {'json_schema': {'schema': {...}}}")
+        return kind, schema
+    raise ValueError(f"unsupported response_format type {kind!r}; use 'text', 'json_object' or 'json_schema'")
+
+
 class ContextWindowExceeded(ValueError):
     """Raised by an engine's ``add`` when the prompt does not fit the model's context."""
 

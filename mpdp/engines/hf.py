@@ -45,7 +45,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from mpdp.engines.base import ContextWindowExceeded, Engine, EngineRequest, EngineResult, WorkerPlacement
+from mpdp.engines.base import (ContextWindowExceeded, Engine, EngineRequest, EngineResult, WorkerPlacement,
+                               json_format)
 
 MAX_LOGPROBS = 20
 OPTIONS = frozenset({"max_batch_size", "max_prefill_tokens", "dtype", "max_model_len", "device",
@@ -555,22 +556,12 @@ class _Grammars:
 
     def compile(self, fmt: Any):
         """The compiled grammar for this response_format (the shapes the vllm engine maps), or None."""
-        if fmt is None:
+        parsed = json_format(fmt)
+        if parsed is None:
             return None
-        if not isinstance(fmt, dict):
-            raise ValueError(f"response_format must be a dict, not {type(fmt).__name__}")
-        kind = fmt.get("type")
-        if kind == "text":
-            return None
+        kind, schema = parsed
         if kind == "json_object":
-            schema: Any = {"type": "object"}   # what vLLM compiles for json_object
-        elif kind == "json_schema":
-            spec = fmt.get("json_schema")
-            schema = spec.get("schema") if isinstance(spec, dict) else None
-            if not isinstance(schema, (dict, str)):
-                raise ValueError("response_format json_schema needs {'json_schema': {'schema': {...}}}")
-        else:
-            raise ValueError(f"unsupported response_format type {kind!r}; use 'text', 'json_object' or 'json_schema'")
+            schema = {"type": "object"}   # what vLLM compiles for json_object
         compiler = self._load()
         text = schema if isinstance(schema, str) else json.dumps(schema)
         try:

@@ -29,7 +29,8 @@ import gc
 import multiprocessing
 from typing import Any
 
-from mpdp.engines.base import ContextWindowExceeded, Engine, EngineRequest, EngineResult, WorkerPlacement
+from mpdp.engines.base import (ContextWindowExceeded, Engine, EngineRequest, EngineResult, WorkerPlacement,
+                               json_format)
 
 # The EngineRequest.params keys that map one to one onto vllm.SamplingParams fields.
 _SAMPLING_KEYS = frozenset({
@@ -270,22 +271,11 @@ def _structured_outputs(response_format: Any):
     ``vllm/entrypoints/openai/engine/protocol.py: structured_outputs_from_response_format``)."""
     from vllm.sampling_params import StructuredOutputsParams
 
-    if response_format is None:
+    parsed = json_format(response_format)
+    if parsed is None:
         return None
-    if not isinstance(response_format, dict):
-        raise ValueError(f"response_format must be a dict, not {type(response_format).__name__}")
-    kind = response_format.get("type")
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return StructuredOutputsParams(json_object=True)
-    if kind == "json_schema":
-        spec = response_format.get("json_schema")
-        schema = spec.get("schema") if isinstance(spec, dict) else None
-        if not isinstance(schema, (dict, str)):
-            raise ValueError("response_format json_schema needs {'json_schema': {'schema': {...}}}")
-        return StructuredOutputsParams(json=schema)
-    raise ValueError(f"unsupported response_format type {kind!r}; use 'text', 'json_object' or 'json_schema'")
+    kind, schema = parsed
+    return StructuredOutputsParams(json_object=True) if kind == "json_object" else StructuredOutputsParams(json=schema)
 
 
 def _result(request_id: int, out) -> EngineResult:

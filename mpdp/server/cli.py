@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import json
 import os
 import sys
+
+from mpdp.cli_args import parse_option, positive as _positive, seconds as _seconds
 
 HELP = "serve a pool over an OpenAI-compatible HTTP API (chat, completions, streaming, /metrics)"
 EPILOG = """\
@@ -27,20 +28,6 @@ exit codes: 0 a clean stop, 1 the workers did not start, 2 a usage mistake.
 """
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
-
-
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -49,13 +36,10 @@ def _port(text: str) -> int:
 
 
 def _option(text: str) -> tuple[str, object]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"wants KEY=VALUE, got {text!r}")
     try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value                      # a bare string, e.g. dtype=float16
+        return parse_option(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
