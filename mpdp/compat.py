@@ -30,6 +30,7 @@ from collections import Counter
 from typing import Any
 
 from mpdp.integrations.dspy import AUTO, DEFAULT_MODEL, LM, _EngineBase, resolve_defaults, split_reasoning
+from mpdp.engines import engine_class
 
 logger = logging.getLogger("mpdp")
 
@@ -66,7 +67,8 @@ class vLLMOfflineMultiGPU(LM):  # noqa: N801 - the seed's name
         engine = engine or default_engine()
         temperature, max_tokens, top_p = _seed_defaults(engine, temperature, max_tokens, top_p)
         options = dict(engine_options or {})
-        if engine == "vllm":
+        on_gpus = engine_class(engine).uses_gpu
+        if on_gpus:
             vllm_options = {"gpu_memory_utilization": gpu_memory_utilization, "max_model_len": max_model_len,
                             "max_num_seqs": max_num_seqs, "trust_remote_code": trust_remote_code}
             options = {**{k: v for k, v in vllm_options.items() if v is not None}, **options}
@@ -76,7 +78,7 @@ class vLLMOfflineMultiGPU(LM):  # noqa: N801 - the seed's name
             replicas = max(1, num_gpus // max(1, tensor_parallel_size))
             placement = {"num_workers": num_workers or max(1, min(replicas, os.cpu_count() or 1))}
         super().__init__(model, engine=engine,
-                         tensor_parallel_size=tensor_parallel_size if engine == "vllm" else 1,
+                         tensor_parallel_size=tensor_parallel_size if on_gpus else 1,
                          engine_options=options, temperature=temperature, max_tokens=max_tokens, top_p=top_p,
                          **placement, **kw)
 
