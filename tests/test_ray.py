@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import signal
 import subprocess
 import sys
@@ -52,10 +54,13 @@ def cluster():
     saved = {"MPDP_RAY_RESOURCES": os.environ.get("MPDP_RAY_RESOURCES")}
     os.environ["MPDP_RAY_RESOURCES"] = BUNDLE        # the driver subprocesses inherit it too
     # The dashboard serves ray.util.state (list_actors, list_placement_groups); it binds loopback.
+    # Ray's session folders go into one private folder, removed afterwards: nothing left in /tmp.
+    temp_dir = tempfile.mkdtemp(prefix="mpdp-ray-")
+    node = dict(NODE, temp_dir=temp_dir)
     c = Cluster(initialize_head=True, head_node_args=dict(
-        NODE, include_dashboard=True, dashboard_host=LOOPBACK, _system_config=FAST_HEALTH))
+        node, include_dashboard=True, dashboard_host=LOOPBACK, _system_config=FAST_HEALTH))
     try:
-        c.extra = [c.add_node(**NODE) for _ in range(2)]
+        c.extra = [c.add_node(**node) for _ in range(2)]
         assert c.address.startswith(f"{LOOPBACK}:"), c.address
         ray.init(address=c.address, log_to_driver=False)
         nodes = [n for n in ray.nodes() if n["Alive"]]
@@ -64,6 +69,7 @@ def cluster():
     finally:
         ray.shutdown()
         c.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
