@@ -25,29 +25,21 @@ import argparse
 import json
 import os
 import platform
-import statistics
+import shutil
 import sys
-import threading
+import tempfile
 import time
 
 # Read when Ray is first imported: every node of the test cluster reports 127.0.0.1.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import mpdp
+from bench.overhead import percentiles, run_threads, thread_clock
 from mpdp.engines.base import EngineRequest, EngineResult
 from mpdp.wire import protocol
 from mpdp.wire.protocol import Tag
 
 LOOPBACK = "127.0.0.1"
 NODE = dict(node_ip_address=LOOPBACK, num_cpus=1, resources={"sim_gpu": 1})
-
-
-def thread_clock(thread: threading.Thread) -> float:
-    return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
-
-
-def pcts(samples: list[float]) -> tuple[float, float]:
-    qs = statistics.quantiles(samples, n=100)
-    return qs[49] * 1e6, qs[98] * 1e6
 
 
 def wire_bytes(prompt: str, text: str) -> int:
@@ -58,30 +50,6 @@ def wire_bytes(prompt: str, text: str) -> int:
     sub = protocol.encode(Tag.SUBMIT, [protocol.request_to_wire(req)])
     out = protocol.encode(Tag.RESULTS, [protocol.result_to_wire(res)])
     return sum(map(len, sub)) + sum(map(len, out))
-
-
-def run_threads(pool, n_threads: int, total: int) -> dict:
-    per = total // n_threads
-    lat: list[list[float]] = [[] for _ in range(n_threads)]
-    barrier = threading.Barrier(n_threads + 1)
-
-    def client(t):
-        barrier.wait()
-        for i in range(per):
-            t0 = time.perf_counter()
-            pool.submit(f"t{t}-{i}").result()
-            lat[t].append(time.perf_counter() - t0)
-
-    threads = [threading.Thread(target=client, args=(t,)) for t in range(n_threads)]
-    for th in threads:
-        th.start()
-    barrier.wait()
-    t0 = time.perf_counter()
-    for th in threads:
-        th.join()
-    elapsed = time.perf_counter() - t0
-    p50, p99 = pcts([x for xs in lat for x in xs])
-    return {"requests_per_s": per * n_threads / elapsed, "p50_us": p50, "p99_us": p99}
 
 
 def bench_echo_pool(label: str, n_batch: int, n_light: int, n_threaded: int, chars: int, **pool_kwargs) -> dict:
@@ -106,9 +74,9 @@ def bench_echo_pool(label: str, n_batch: int, n_light: int, n_threaded: int, cha
             t1 = time.perf_counter()
             pool.submit(f"light {i}").result()
             lat.append(time.perf_counter() - t1)
-        p50, p99 = pcts(lat)
+        p50, p99 = percentiles(lat)
         out["light"] = {"requests": n_light, "p50_us": p50, "p99_us": p99}
-        out["threads32"] = run_threads(pool, 32, n_threaded)
+        out["threads32"] = run_threads(lambda p: pool.submit(p).result(), 32, n_threaded)
         out["workers_by_node"] = sorted(str(w["node"]) for w in pool.stats()["workers"])
     return out
 
@@ -122,10 +90,12 @@ def echo_main(args) -> dict:
     runs.append(bench_echo_pool("local, ipc", **n))
     runs.append(bench_echo_pool("local, tcp + Curve", transport="tcp", **n))
     os.environ["MPDP_RAY_RESOURCES"] = json.dumps({"CPU": 1, "sim_gpu": 1})   # one worker a node
-    cluster = Cluster(initialize_head=True, head_node_args=dict(NODE, include_dashboard=False))
+    temp_dir = tempfile.mkdtemp(prefix="mpdp-ray-")     # Ray's session folders, removed at the end
+    node = dict(NODE, temp_dir=temp_dir)
+    cluster = Cluster(initialize_head=True, head_node_args=dict(node, include_dashboard=False))
     try:
         for _ in range(2):
-            cluster.add_node(**NODE)
+            cluster.add_node(**node)
         assert cluster.address.startswith(LOOPBACK)
         ray.init(address=cluster.address, log_to_driver=False)
         assert {x["NodeManagerAddress"] for x in ray.nodes() if x["Alive"]} == {LOOPBACK}
@@ -135,6 +105,7 @@ def echo_main(args) -> dict:
     finally:
         ray.shutdown()
         cluster.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
     base = runs[0]
     for r in runs:
         r["ratio_vs_local_ipc"] = {
@@ -196,7 +167,7 @@ def main() -> None:
         args.requests = args.requests or 20000
         result = echo_main(args)
     result.update({"engine": args.engine, "cpus": os.cpu_count(), "python": platform.python_version(),
-                   "command": " ".join([os.path.basename(sys.executable), *sys.argv])})
+                   "command": " ".join(["python -m bench.ray_overhead", *sys.argv[1:]])})
     text = json.dumps(result, indent=1)
     print(text)
     if args.json:
