@@ -90,8 +90,10 @@ def echo_main(args) -> dict:
     runs.append(bench_echo_pool("local, ipc", **n))
     runs.append(bench_echo_pool("local, tcp + Curve", transport="tcp", **n))
     os.environ["MPDP_RAY_RESOURCES"] = json.dumps({"CPU": 1, "sim_gpu": 1})   # one worker a node
-    temp_dir = tempfile.mkdtemp(prefix="mpdp-ray-")     # Ray's session folders, removed at the end
-    node = dict(NODE, temp_dir=temp_dir)
+    # Ray's session folders (and its address file) in a private folder, removed at the end.
+    temp_dir = tempfile.mkdtemp(prefix="mpdp-ray-")
+    os.environ["RAY_TMPDIR"] = temp_dir
+    node = NODE
     cluster = Cluster(initialize_head=True, head_node_args=dict(node, include_dashboard=False))
     try:
         for _ in range(2):

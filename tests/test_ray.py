@@ -55,8 +55,11 @@ def cluster():
     os.environ["MPDP_RAY_RESOURCES"] = BUNDLE        # the driver subprocesses inherit it too
     # The dashboard serves ray.util.state (list_actors, list_placement_groups); it binds loopback.
     # Ray's session folders go into one private folder, removed afterwards: nothing left in /tmp.
+    # (RAY_TMPDIR also moves the address file Ray writes; the driver subprocesses inherit it.)
     temp_dir = tempfile.mkdtemp(prefix="mpdp-ray-")
-    node = dict(NODE, temp_dir=temp_dir)
+    saved["RAY_TMPDIR"] = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = temp_dir
+    node = NODE
     c = Cluster(initialize_head=True, head_node_args=dict(
         node, include_dashboard=True, dashboard_host=LOOPBACK, _system_config=FAST_HEALTH))
     try:
