@@ -174,9 +174,11 @@ def result_to_wire(res: EngineResult) -> list:
 
 
 def result_from_wire(item: Any) -> EngineResult:
-    if (not isinstance(item, list) or len(item) != 10 or not _is_int(item[0])
-            or not isinstance(item[1], list) or not isinstance(item[2], list)
-            or not _is_int(item[3]) or not _is_int(item[4])):
+    # On the dispatcher's hot path (once per result): exact type tests, no helper calls.
+    # msgpack decodes ints as int and arrays as list, never subclasses, so `type(...) is` is exact.
+    if (type(item) is not list or len(item) != 10 or type(item[0]) is not int
+            or type(item[1]) is not list or type(item[2]) is not list
+            or type(item[3]) is not int or type(item[4]) is not int):
         raise ProtocolError("a RESULTS item must be [id, texts, finish_reasons, prompt_tokens, "
                             "completion_tokens, logprobs, error_type, error, finished, traceback]")
     return EngineResult(*item)
