@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from mpdp.config import ROLES, check_sampling  # noqa: F401  (check_sampling: re-exported for callers)
+from mpdp.config import ROLES
 from mpdp.engines.base import EngineRequest
 from mpdp.wire import protocol
 

@@ -559,7 +559,7 @@ class LM(dspy.LM):
                     raise TypeError(f"with pool=, {', '.join(given)} belong to the pool itself")
                 spec = spec_of_pool(pool, model)
             else:
-                from mpdp.requests import check_sampling
+                from mpdp.config import check_sampling
 
                 check_sampling(pool_sampling)       # an unknown keyword fails here, not at the first call
                 spec = PoolSpec(model=model or DEFAULT_MODEL, engine=engine, num_workers=num_workers,
