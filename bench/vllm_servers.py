@@ -102,8 +102,18 @@ def stop_process_groups(procs: list[subprocess.Popen], grace_s: float = 30.0) ->
         try:
             p.wait(grace_s)
         except subprocess.TimeoutExpired:
-            killpg(p.pid)
-            p.wait(30)
+            pass
+        # The leader may be gone while its engine cores (same group) are still on their way out:
+        # kill what is left and wait until the group is empty, so nothing outlives the call.
+        killpg(p.pid)
+        p.wait(30)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(p.pid, 0)
+            except (ProcessLookupError, PermissionError):
+                break
+            time.sleep(0.02)
 
 
 def cli_flags(options: dict) -> list[str]:
