@@ -184,8 +184,10 @@ def result_from_wire(item: Any) -> EngineResult:
     return EngineResult(*item)
 
 
-def results_from_wire(body: Any) -> list[EngineResult]:
-    return [result_from_wire(item) for item in _list_body(Tag.RESULTS, body)]
+def results_from_wire(body: Any):
+    """The results of a RESULTS body, one at a time (a bad item raises when it is reached: the
+    ones before it were valid and are kept; the sender is dropped for the rest)."""
+    return map(result_from_wire, _list_body(Tag.RESULTS, body))
 
 
 def check_encodable(value: Any, what: str) -> int:
