@@ -64,6 +64,17 @@ def run_threads(submit_and_wait, n_threads: int, total: int) -> dict:
     return {"requests_per_s": len(flat) / elapsed, "p50_us": p50, "p99_us": p99, "requests": len(flat)}
 
 
+def run_light(pool, n: int) -> dict:
+    """One thread, one request at a time: the latency of the pool alone."""
+    lat = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        pool.submit(f"light {i}").result()
+        lat.append(time.perf_counter() - t0)
+    p50, p99 = percentiles(lat)
+    return {"p50_us": p50, "p99_us": p99, "requests": n}
+
+
 def bench_pool(n_batch: int, n_threaded: int, n_light: int) -> dict:
     out = {}
     with mpdp.Pool(engine="echo", num_workers=2, max_tokens=64) as pool:
@@ -79,13 +90,7 @@ def bench_pool(n_batch: int, n_threaded: int, n_light: int) -> dict:
         cpu0 = thread_clock(dispatcher)
         out["threads80"] = run_threads(lambda p: pool.submit(p).result(), 80, n_threaded)
         out["threads80"]["dispatcher_cpu_us_per_request"] = (thread_clock(dispatcher) - cpu0) / n_threaded * 1e6
-        lat = []
-        for i in range(n_light):
-            t0 = time.perf_counter()
-            pool.submit(f"light {i}").result()
-            lat.append(time.perf_counter() - t0)
-        p50, p99 = percentiles(lat)
-        out["light"] = {"p50_us": p50, "p99_us": p99, "requests": n_light}
+        out["light"] = run_light(pool, n_light)
     return out
 
 

@@ -33,7 +33,7 @@ import time
 # Read when Ray is first imported: every node of the test cluster reports 127.0.0.1.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import mpdp
-from bench.overhead import percentiles, run_threads, thread_clock
+from bench.overhead import run_light, run_threads, thread_clock
 from mpdp.engines.base import EngineRequest, EngineResult
 from mpdp.wire import protocol
 from mpdp.wire.protocol import Tag
@@ -69,13 +69,7 @@ def bench_echo_pool(label: str, n_batch: int, n_light: int, n_threaded: int, cha
         out["batch"] = {"requests": n_batch, "requests_per_s": n_batch / elapsed,
                         "wire_bytes_per_s": n_batch / elapsed * out["wire_bytes_per_request"],
                         "dispatcher_cpu_us_per_request": cpu / n_batch * 1e6}
-        lat = []
-        for i in range(n_light):
-            t1 = time.perf_counter()
-            pool.submit(f"light {i}").result()
-            lat.append(time.perf_counter() - t1)
-        p50, p99 = percentiles(lat)
-        out["light"] = {"requests": n_light, "p50_us": p50, "p99_us": p99}
+        out["light"] = run_light(pool, n_light)
         out["threads32"] = run_threads(lambda p: pool.submit(p).result(), 32, n_threaded)
         out["workers_by_node"] = sorted(str(w["node"]) for w in pool.stats()["workers"])
     return out

@@ -30,3 +30,27 @@ def parse_option(text: str) -> tuple[str, object]:
         return key, json.loads(value)
     except json.JSONDecodeError:
         return key, value
+
+
+def add_pool_arguments(pool: argparse._ArgumentGroup, *, engine_option_type=None,
+                       exclusive_counts: bool = False) -> None:
+    """The options every subcommand builds its pool from: model, engine, worker count, options, routing."""
+    from mpdp.engines import ENGINES          # a dict of names: imports no engine
+    from mpdp.models import DEFAULT_MODEL
+    from mpdp.routing import POLICIES
+
+    pool.add_argument("--model", default=DEFAULT_MODEL, help="model name or local folder (default: %(default)s)")
+    pool.add_argument("--engine", default=None, choices=sorted(ENGINES),
+                      help="engine (default: vllm when installed and a GPU is visible, else hf)")
+    count = pool.add_mutually_exclusive_group() if exclusive_counts else pool
+    count.add_argument("--num-workers", type=positive, default=None, metavar="N",
+                       help="CPU workers for the hf/echo engines (default: the CPU count, at most 4)")
+    count.add_argument("--num-gpus", type=positive, default=None, metavar="N",
+                       help="GPUs for the vllm engine (default: every visible GPU)")
+    pool.add_argument("--tensor-parallel-size", type=positive, default=1, metavar="N",
+                      help="GPUs per worker (default: %(default)s)")
+    pool.add_argument("--engine-option", action="append", default=[], metavar="KEY=JSON",
+                      **({"type": engine_option_type} if engine_option_type else {}),
+                      help="engine option, e.g. max_model_len=4096 (repeatable)")
+    pool.add_argument("--routing", default="cache_aware", choices=sorted(POLICIES),
+                      help="how requests are placed on workers (default: %(default)s)")

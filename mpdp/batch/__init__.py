@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-from mpdp.cli_args import positive as _positive, seconds as _seconds
+from mpdp.cli_args import add_pool_arguments, positive as _positive, seconds as _seconds
 
 HELP = "run a JSONL file of requests (simple or OpenAI batch format) through a pool"
 EPILOG = """\
@@ -35,9 +35,6 @@ worker starts), 130/143 stopped by SIGINT/SIGTERM.
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from mpdp.engines import ENGINES          # a dict of names: imports no engine
-    from mpdp.models import DEFAULT_MODEL
-
     files = p.add_argument_group("files")
     files.add_argument("--input", required=True, metavar="FILE",
                        help="JSONL requests, simple or OpenAI batch format (detected)")
@@ -48,19 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     again.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
     pool = p.add_argument_group("pool")
-    pool.add_argument("--model", default=DEFAULT_MODEL, help="model name or local folder (default: %(default)s)")
-    pool.add_argument("--engine", default=None, choices=sorted(ENGINES),
-                      help="engine (default: vllm when installed and a GPU is visible, else hf)")
-    pool.add_argument("--num-workers", type=_positive, default=None, metavar="N",
-                      help="CPU workers for the hf/echo engines (default: the CPU count, at most 4)")
-    pool.add_argument("--num-gpus", type=_positive, default=None, metavar="N",
-                      help="GPUs for the vllm engine (default: every visible GPU)")
-    pool.add_argument("--tensor-parallel-size", type=_positive, default=1, metavar="N",
-                      help="GPUs per worker (default: %(default)s)")
-    pool.add_argument("--engine-option", action="append", default=[], metavar="KEY=JSON",
-                      help="engine option, e.g. max_model_len=4096 (repeatable)")
-    pool.add_argument("--routing", default="cache_aware", choices=("cache_aware", "least_loaded", "prefix_affinity"),
-                      help="how requests are placed on workers (default: %(default)s)")
+    add_pool_arguments(pool)
     pool.add_argument("--launcher", default="local", choices=("local", "ray"),
                       help="where workers run: this machine, or a Ray cluster (default: %(default)s)")
     pool.add_argument("--ray-address", default=None, metavar="ADDRESS",

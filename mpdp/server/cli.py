@@ -10,7 +10,7 @@ import ipaddress
 import os
 import sys
 
-from mpdp.cli_args import parse_option, positive as _positive, seconds as _seconds
+from mpdp.cli_args import add_pool_arguments, parse_option, positive as _positive, seconds as _seconds
 
 HELP = "serve a pool over an OpenAI-compatible HTTP API (chat, completions, streaming, /metrics)"
 EPILOG = """\
@@ -43,24 +43,8 @@ def _option(text: str) -> tuple[str, object]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from mpdp.engines import ENGINES          # a dict of names: imports no engine
-    from mpdp.models import DEFAULT_MODEL
-
     pool = p.add_argument_group("pool")
-    pool.add_argument("--model", default=DEFAULT_MODEL, help="model name or local folder (default: %(default)s)")
-    pool.add_argument("--engine", default=None, choices=sorted(ENGINES),
-                      help="engine (default: vllm when installed and a GPU is visible, else hf)")
-    count = pool.add_mutually_exclusive_group()
-    count.add_argument("--num-workers", type=_positive, default=None, metavar="N",
-                       help="CPU workers for the hf/echo engines (default: the CPU count, at most 4)")
-    count.add_argument("--num-gpus", type=_positive, default=None, metavar="N",
-                       help="GPUs for the vllm engine (default: every visible GPU)")
-    pool.add_argument("--tensor-parallel-size", type=_positive, default=1, metavar="N",
-                      help="GPUs per worker (default: %(default)s)")
-    pool.add_argument("--engine-option", action="append", default=[], type=_option, metavar="KEY=JSON",
-                      help="engine option, e.g. max_model_len=4096 (repeatable)")
-    pool.add_argument("--routing", default="cache_aware", choices=("cache_aware", "least_loaded", "prefix_affinity"),
-                      help="how requests are placed on workers (default: %(default)s)")
+    add_pool_arguments(pool, engine_option_type=_option, exclusive_counts=True)
     pool.add_argument("--max-pending", type=_positive, default=100_000, metavar="N",
                       help="requests the pool holds at once; more wait for room (default: %(default)s)")
     pool.add_argument("--max-tokens", type=_positive, default=None, metavar="N",
