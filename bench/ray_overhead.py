@@ -118,11 +118,19 @@ def vllm_main(args) -> dict:
     sampling = dict(max_tokens=args.max_tokens, ignore_eos=True, temperature=0.0)
     options = json.loads(args.engine_options)
     runs = []
+    # A Ray started here lives on loopback (as the CPU cluster does) with its session files in a
+    # private folder, removed at the end.
+    temp_dir = tempfile.mkdtemp(prefix="mpdp-ray-")
+    os.environ["RAY_TMPDIR"] = temp_dir
     for launcher in ("local", "ray"):
         kwargs = {"launcher": launcher}
         if launcher == "ray":
-            ray.init(address=args.ray_address, num_gpus=None if args.ray_address else 1,
-                     log_to_driver=False, include_dashboard=False)
+            if args.ray_address:
+                ray.init(address=args.ray_address, log_to_driver=False)
+            else:
+                ray.init(num_gpus=1, log_to_driver=False, include_dashboard=False, _node_ip_address=LOOPBACK,
+                         _temp_dir=temp_dir)
+                assert {x["NodeManagerAddress"] for x in ray.nodes() if x["Alive"]} == {LOOPBACK}
         try:
             t0 = time.perf_counter()
             with mpdp.Pool(args.model, engine="vllm", num_gpus=1, engine_options=options, **kwargs) as pool:
@@ -137,6 +145,7 @@ def vllm_main(args) -> dict:
         finally:
             if launcher == "ray":
                 ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
     runs[1]["ratio_vs_local"] = runs[1]["output_tokens_per_s"] / runs[0]["output_tokens_per_s"]
     return {"runs": runs, "model": args.model, "max_tokens": args.max_tokens}
 

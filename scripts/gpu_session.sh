@@ -6,9 +6,10 @@
 #   scripts/gpu_session.sh OUT_DIR core     GPU tests; scaling bare vs mpdp1 (8B shape, fixed)
 #   scripts/gpu_session.sh OUT_DIR prefix   bench/prefix.py: two vLLM workers sharing the GPU
 #   scripts/gpu_session.sh OUT_DIR serve    mpdp serve vs vllm serve (SmolLM2 shape); crash recovery
+#   scripts/gpu_session.sh OUT_DIR ray      vLLM through the Ray launcher vs the local one (Ray on loopback)
 set -uo pipefail
-out=${1:?usage: scripts/gpu_session.sh OUT_DIR core|prefix|serve}
-part=${2:?part: core, prefix or serve}
+out=${1:?usage: scripts/gpu_session.sh OUT_DIR core|prefix|serve|ray}
+part=${2:?part: core, prefix, serve or ray}
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -52,6 +53,12 @@ serve)
   done
   timeout 200 python3 -m bench.recovery --engine vllm --model "$smol" --gpus 0,0 --rounds 1 \
     --kv-cache-memory-bytes $((4 * gib)) --json "$out/recovery.json" 2>&1 | tail -30 > "$out/recovery.log"
+  ;;
+ray)
+  # SmolLM2's shape, eager: the engine is fast, so what the launcher and its TCP + Curve path cost shows.
+  timeout 400 python3 -m bench.ray_overhead --engine vllm --model "$smol" --requests 2048 --max-tokens 256 \
+    --engine-options '{"load_format": "dummy", "enforce_eager": true, "gpu_memory_utilization": 0.4, "max_model_len": 2048}' \
+    --json "$out/ray.json" 2>&1 | tail -30 > "$out/ray.log"
   ;;
 *) echo "unknown part $part" >&2; exit 2;;
 esac
