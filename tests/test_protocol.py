@@ -55,3 +55,27 @@ def test_no_pickle_on_the_wire():
 def test_lone_surrogate_is_a_value_error():
     with pytest.raises(ValueError, match="UTF-8"):
         protocol.check_encodable("a\ud800b", "the request")
+
+
+def test_encode_batches_splits_in_order_and_flags_what_cannot_fit():
+    items = [["x" * 40, i] for i in range(10)] + [["y" * 500, 10]] + [["z", 11]]
+    messages, too_big = protocol.encode_batches(protocol.Tag.RESULTS, items, limit=200)
+    assert too_big == [10]
+    got = [rec for frames in messages for rec in msgpack.unpackb(frames[1])]
+    assert got == [list(r) for r in items[:10]] + [["z", 11]]
+    assert all(len(frames[1]) <= 200 for frames in messages) and len(messages) > 1
+
+
+def test_encode_batches_leaves_no_reference_cycle():
+    # A cycle would keep each message's records alive until the cycle collector ran: garbage
+    # that made the dispatcher's collections cost a fifth of its time in batch runs.
+    import gc
+    gc.collect()
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        protocol.encode_batches(protocol.Tag.RESULTS, [["r" * 50, i] for i in range(100)], limit=300)
+        assert gc.collect() == 0
+    finally:
+        if was:
+            gc.enable()

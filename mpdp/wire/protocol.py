@@ -102,8 +102,12 @@ def encode_batches(tag: Tag, items: list, limit: int = MAX_FRAME_BYTES) -> tuple
     """
     out: list[list[bytes]] = []
     too_big: list[int] = []
-
-    def split(lo: int, hi: int) -> None:
+    # A stack, not a recursive closure: a nested function that calls itself is a reference
+    # cycle (function -> cell -> function) that kept every batch's records alive until the
+    # cycle collector ran, one collection's worth of garbage per message.
+    pending = [(0, len(items))] if items else []
+    while pending:
+        lo, hi = pending.pop()
         body = _pack(items[lo:hi])
         if len(body) <= limit:
             out.append([_HEADERS[tag], body])
@@ -111,11 +115,7 @@ def encode_batches(tag: Tag, items: list, limit: int = MAX_FRAME_BYTES) -> tuple
             too_big.append(lo)
         else:
             mid = (lo + hi) // 2
-            split(lo, mid)
-            split(mid, hi)
-
-    if items:
-        split(0, len(items))
+            pending += ((mid, hi), (lo, mid))    # the first half on top: messages stay in order
     return out, too_big
 
 
