@@ -5,11 +5,12 @@
 #
 #   scripts/gpu_session.sh OUT_DIR core     GPU tests; scaling bare vs mpdp1 (8B shape, fixed)
 #   scripts/gpu_session.sh OUT_DIR prefix   bench/prefix.py: two vLLM workers sharing the GPU
-#   scripts/gpu_session.sh OUT_DIR serve    mpdp serve vs vllm serve (SmolLM2 shape); crash recovery
+#   scripts/gpu_session.sh OUT_DIR serve    mpdp serve vs vllm serve (SmolLM2 shape)
+#   scripts/gpu_session.sh OUT_DIR recovery two vLLM workers on one GPU, one SIGKILLed mid-run
 #   scripts/gpu_session.sh OUT_DIR ray      vLLM through the Ray launcher vs the local one (Ray on loopback)
 set -uo pipefail
-out=${1:?usage: scripts/gpu_session.sh OUT_DIR core|prefix|serve|ray}
-part=${2:?part: core, prefix, serve or ray}
+out=${1:?usage: scripts/gpu_session.sh OUT_DIR core|prefix|serve|recovery|ray}
+part=${2:?part: core, prefix, serve, recovery or ray}
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -51,6 +52,8 @@ serve)
       --json "$out/serve-$server.json" 2>&1 | tail -20 > "$out/serve-$server.txt"
     kill -INT $pid; wait $pid
   done
+  ;;
+recovery)
   timeout 200 python3 -m bench.recovery --engine vllm --model "$smol" --gpus 0,0 --rounds 1 \
     --kv-cache-memory-bytes $((4 * gib)) --json "$out/recovery.json" 2>&1 | tail -30 > "$out/recovery.log"
   ;;
