@@ -8,7 +8,9 @@ model) to compare them: N concurrent streaming chat requests, each a fixed outpu
         --concurrency 256 --requests 2048 --max-tokens 256 --json out.json
 
 Output tokens are counted from each stream's usage chunk (``stream_options.include_usage``);
-TTFT is the time from sending a request to its first non-empty content delta.
+TTFT is the time from sending a request to its first non-empty content delta. The streams are
+spread over ``--procs`` client processes that start together after their warm-up, so the client
+is not what limits the figure; failures are counted and a sample of their messages kept.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import statistics
 import sys
@@ -49,38 +52,80 @@ async def one(client: httpx.AsyncClient, body: dict) -> tuple[float | None, floa
     return first, time.perf_counter() - sent, tokens
 
 
-async def run(args) -> dict:
+def request_body(args) -> dict:
     prompt = ("Write a long story about a lighthouse keeper. " * max(1, args.prompt_words // 8)).strip()
-    body = {"model": args.model, "messages": [{"role": "user", "content": prompt}], "max_tokens": args.max_tokens,
+    return {"model": args.model, "messages": [{"role": "user", "content": prompt}], "max_tokens": args.max_tokens,
             "temperature": args.temperature, "stream": True, "stream_options": {"include_usage": True},
             "ignore_eos": True}
+
+
+async def lanes(args, requests: int, concurrency: int, ready=None) -> dict:
+    """``concurrency`` streams in this process until ``requests`` are done. ``ready``: a barrier
+    every client process meets after its warm-up, so they all start together."""
+    body = request_body(args)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
-    ttfts, e2es, tokens, failures = [], [], 0, 0
-    todo = iter(range(args.requests))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    ttfts, e2es, tokens, errors = [], [], 0, []
+    todo = iter(range(requests))
     async with httpx.AsyncClient(base_url=args.base_url, limits=limits, timeout=args.timeout, headers=headers) as c:
         await one(c, dict(body, max_tokens=4))          # warm-up (connections, compiled graphs)
+        if ready is not None:
+            await asyncio.get_running_loop().run_in_executor(None, ready.wait)
         started = time.perf_counter()
 
         async def lane():
-            nonlocal tokens, failures
+            nonlocal tokens
             for _ in todo:
                 try:
                     first, e2e, n = await one(c, body)
                 except (RuntimeError, httpx.HTTPError) as exc:
-                    failures += 1
-                    print(f"failed: {exc}", file=sys.stderr)
+                    errors.append(f"{type(exc).__name__}: {exc}"[:300])
+                    print(f"failed: {errors[-1]}", file=sys.stderr)
                     continue
                 if first is not None:
                     ttfts.append(first)
                 e2es.append(e2e)
                 tokens += n
 
-        await asyncio.gather(*(lane() for _ in range(args.concurrency)))
-        elapsed = time.perf_counter() - started
-    return {"base_url": args.base_url, "model": args.model, "concurrency": args.concurrency,
-            "requests": args.requests, "failures": failures, "max_tokens": args.max_tokens,
-            "elapsed_s": round(elapsed, 3), "output_tokens": tokens,
+        await asyncio.gather(*(lane() for _ in range(concurrency)))
+    return {"started": started, "ended": time.perf_counter(), "ttfts": ttfts, "e2es": e2es, "tokens": tokens,
+            "errors": errors}
+
+
+def _client_process(args, requests: int, concurrency: int, ready, results) -> None:
+    results.put(asyncio.run(lanes(args, requests, concurrency, ready)))
+
+
+def spread(total: int, parts: int) -> list[int]:
+    return [total // parts + (i < total % parts) for i in range(parts)]
+
+
+def run(args) -> dict:
+    """The load from ``--procs`` client processes (one asyncio loop each): a single Python client
+    parses a few thousand SSE chunks a second, so with one process the client, not the server,
+    would set the figure."""
+    procs = max(1, min(args.procs, args.concurrency))
+    if procs == 1:
+        parts = [asyncio.run(lanes(args, args.requests, args.concurrency))]
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        ready, results = ctx.Barrier(procs), ctx.Queue()
+        workers = [ctx.Process(target=_client_process, args=(args, r, c, ready, results))
+                   for r, c in zip(spread(args.requests, procs), spread(args.concurrency, procs))]
+        for w in workers:
+            w.start()
+        parts = [results.get() for _ in workers]
+        for w in workers:
+            w.join()
+    # perf_counter is the system-wide monotonic clock on Linux, so the processes' times compare.
+    elapsed = max(p["ended"] for p in parts) - min(p["started"] for p in parts)
+    ttfts = [t for p in parts for t in p["ttfts"]]
+    e2es = [t for p in parts for t in p["e2es"]]
+    errors = [e for p in parts for e in p["errors"]]
+    tokens = sum(p["tokens"] for p in parts)
+    return {"base_url": args.base_url, "model": args.model, "concurrency": args.concurrency, "client_procs": procs,
+            "requests": args.requests, "failures": len(errors), "error_sample": errors[:5],
+            "max_tokens": args.max_tokens, "elapsed_s": round(elapsed, 3), "output_tokens": tokens,
             "output_tokens_per_s": round(tokens / elapsed, 1), "requests_per_s": round(len(e2es) / elapsed, 2),
             "ttft_p50_ms": round(percentile(ttfts, 50) * 1e3, 1), "ttft_p99_ms": round(percentile(ttfts, 99) * 1e3, 1),
             "e2e_p50_ms": round(percentile(e2es, 50) * 1e3, 1), "e2e_p99_ms": round(percentile(e2es, 99) * 1e3, 1)}
@@ -97,9 +142,11 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-words", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--procs", type=int, default=max(1, min(8, (os.cpu_count() or 2) // 2)),
+                   help="client processes the streams are spread over (default: half the cores, at most 8)")
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args(argv)
-    result = asyncio.run(run(args))
+    result = run(args)
     print(json.dumps(result, indent=2))
     if args.json:
         with open(args.json, "w") as f:

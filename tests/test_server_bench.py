@@ -18,11 +18,11 @@ def test_serve_vs_vllm_against_the_echo_server(tmp_path):
     try:
         out = tmp_path / "load.json"
         r = subprocess.run([sys.executable, "-m", "bench.serve_vs_vllm", "--base-url", s.base, "--model", "m",
-                            "--concurrency", "8", "--requests", "32", "--max-tokens", "40", "--json", str(out)],
+                            "--concurrency", "8", "--requests", "33", "--max-tokens", "40", "--procs", "2", "--json", str(out)],
                            cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
         figures = json.loads(out.read_text())
-        assert figures["failures"] == 0 and figures["output_tokens"] == 32 * 40
+        assert figures["failures"] == 0 and figures["output_tokens"] == 33 * 40 and figures["client_procs"] == 2
         assert figures["output_tokens_per_s"] > 0 and figures["ttft_p50_ms"] <= figures["ttft_p99_ms"]
     finally:
         assert s.stop() == 0
