@@ -58,8 +58,8 @@ flight, the lower index). Why this shape:
   match saves. Under load nobody idles for an imbalance of a few requests, while each spill costs
   a whole prefill *and* a duplicate of the prefix in a second cache; keeping each prefix on one
   worker is what keeps the caches disjoint, so a working set larger than one cache but smaller
-  than the pool's fits (measured: a 0.5 band and 4x worth spilled docqa's documents at the first
-  imbalance and lost a quarter of pure affinity's gain). The caps scale with the work queued and
+  than the pool's fits (a 0.5 band and 4x worth spilled docqa's documents at the first imbalance:
+  1.77x least_loaded on the GPU, where pure affinity gave 2.5x). The caps scale with the work queued and
   with the match, so a short shared system prompt (one block) buys almost no imbalance;
 - when a candidate holds nothing the allowance is 0: that worker takes the request unless another
   finishes it sooner, even if it must prefill it, so nobody idles while another queues. A hot prefix
