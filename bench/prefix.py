@@ -463,6 +463,17 @@ def write(path: str | None, result: dict) -> None:
     os.replace(tmp, path)
 
 
+def add_workload_arguments(ap: argparse.ArgumentParser) -> None:
+    """The callers and the workloads' sizes (``build`` reads them), shared with bench/prefix_sim.py."""
+    ap.add_argument("--threads", type=int, default=128)
+    ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--docs", type=int, default=64)
+    ap.add_argument("--questions", type=int, default=8)
+    ap.add_argument("--doc-tokens", type=int, default=3000)
+    ap.add_argument("--random-tokens", type=int, default=1000)
+    ap.add_argument("--scale", type=float, default=1.0, help="shrink document counts and lengths (smoke tests)")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -480,13 +491,7 @@ def main(argv=None) -> int:
     ap.add_argument("--policies", default=",".join(POLICY_NAMES))
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=128)
-    ap.add_argument("--max-tokens", type=int, default=8)
-    ap.add_argument("--docs", type=int, default=64)
-    ap.add_argument("--questions", type=int, default=8)
-    ap.add_argument("--doc-tokens", type=int, default=3000)
-    ap.add_argument("--random-tokens", type=int, default=1000)
-    ap.add_argument("--scale", type=float, default=1.0, help="shrink document counts and lengths (smoke tests)")
+    add_workload_arguments(ap)
     ap.add_argument("--settle-s", type=float, default=1.5, help="pause after each run (vLLM logs its stats each second)")
     ap.add_argument("--budget-s", type=float, default=0.0, help="stop starting runs after this many seconds (0: none)")
     ap.add_argument("--seed", type=int, default=0)

@@ -22,10 +22,15 @@ against every worker at once walks its blocks in order and stops where the last 
 out: a miss costs one lookup, a match of k blocks k+1 lookups, whatever the number of workers or
 entries. Each worker also has an LRU (``OrderedDict``) of its blocks with their token counts,
 bounded by a token budget that follows the KV cache size the worker reported in READY
-(``kv_cache_tokens``, times ``cache_fraction``; ``default_cache_tokens`` for engines that report
-none, like echo and hf). A request's blocks are refreshed last-first, so a prefix's first
-blocks are the most recent and the tail goes first, as vLLM frees a request's blocks in reverse
-order. A worker that dies or stops takes its entries with it (its cache is gone), and a worker
+(``kv_cache_tokens``, times ``cache_factor``; ``default_cache_tokens`` for engines that report
+none, like echo and hf). The factor is 1.5, not below 1, because the two ways to be wrong cost
+differently: forgetting a prefix the engine still holds sends its next request to the least-loaded
+worker, which prefills it again and evicts something of its own for it (the pool's caches stop
+being disjoint and both thrash), while remembering one the engine dropped sends it home, to one
+prefill there, which a miss would cost anyway. The 4-characters-a-token guess also overstates the
+tokens of wordy text by up to a third, filling a budget of exactly the KV size too soon.
+A request's blocks are refreshed last-first, so a prefix's first blocks are the most recent and
+the tail goes first, as vLLM frees a request's blocks in reverse order. A worker that dies or stops takes its entries with it (its cache is gone), and a worker
 that becomes READY starts empty, so a restart is cold here as it is in the engine.
 
 **The load criterion.** Load is what the worker still has to process, in tokens
@@ -48,17 +53,20 @@ flight, the lower index). Why this shape:
 - with no match anywhere the allowance is 0 and the least-loaded worker wins: a miss never goes
   to "the worker with the emptiest tree" (the SGLang router's death spiral, where the cold worker
   takes every new prefix and then all of their follow-ups);
-- the allowance is relative to the work queued (``band * m``): when every worker has tens of
-  thousands of tokens queued, one being 50% further behind idles nobody, and keeping each prefix
-  on one worker is what keeps the pool's caches disjoint, so a working set larger than one cache
-  but smaller than the pool's fits. A fixed slack is either far too small under load (the
-  measured case) or far too large at low load;
-- at low load ``m`` is small, so the allowance shrinks to about one request's own cost: a worker
-  running dry gets the next request even if it must prefill it, so nobody idles while another
-  queues. A hot prefix thus spills to a second worker exactly when its first one falls behind,
-  and from then on both hold it and plain load decides between them;
-- ``worth * saved(w)`` caps the allowance by what the match is worth: a one-block match (a short
-  generic system prompt) buys almost no imbalance, a whole cached document a lot.
+- while every candidate holds a request, a worker holding the prefix may be far behind: up to
+  ``band`` (4) times the least-loaded one's work, and ``worth`` (16) tokens of queue per token the
+  match saves. Under load nobody idles for an imbalance of a few requests, while each spill costs
+  a whole prefill *and* a duplicate of the prefix in a second cache; keeping each prefix on one
+  worker is what keeps the caches disjoint, so a working set larger than one cache but smaller
+  than the pool's fits (a 0.5 band and 4x worth spilled docqa's documents at the first imbalance:
+  1.77x least_loaded on the GPU, where pure affinity gave 2.5x). The caps scale with the work queued and
+  with the match, so a short shared system prompt (one block) buys almost no imbalance;
+- when a candidate holds nothing the allowance is 0: that worker takes the request unless another
+  finishes it sooner, even if it must prefill it, so nobody idles while another queues. A hot prefix
+  thus spills to a second worker when the first falls behind far enough to leave it dry, and from
+  then on both hold it and plain load decides between them. At a burst's start (all empty) this
+  costs at most one spill per worker, not one per prefix: as soon as a worker holds a request the
+  wide allowance applies again.
 
 Cost on the dispatcher thread: O(matched blocks) lookups in ``choose`` and O(blocks) ``OrderedDict``
 operations in ``assigned``, plus O(evicted blocks); never a scan of all entries (a worker's
@@ -137,22 +145,23 @@ class CacheAware(RoutingPolicy):
     ``block_chars`` / ``block_tokens``: the block size for text and for token prompts (a text
     block counts as ``block_chars // 4`` tokens). ``band``: how much further behind than the
     least-loaded worker, relative to its queued work, a worker holding the prefix may be.
-    ``worth``: tokens of extra queue accepted per token the match saves. ``cache_fraction``: the
-    share of a worker's reported KV cache the mirror assumes holds prefixes (the rest is decode
-    and in-flight work). ``default_cache_tokens``: the budget when a worker reports none.
+    ``worth``: tokens of extra queue accepted per token the match saves. ``cache_factor``: the
+    mirror's token budget per worker as a multiple of its reported KV cache (above 1 on purpose,
+    module doc). ``default_cache_tokens``: the budget when a worker reports none.
+    The defaults were tuned on ``bench/prefix_sim.py`` (a simulation of the measured runs).
     """
 
-    def __init__(self, block_chars: int = 512, block_tokens: int = 128, band: float = 0.5,
-                 worth: float = 4.0, cache_fraction: float = 0.9, default_cache_tokens: int = 262_144):
+    def __init__(self, block_chars: int = 512, block_tokens: int = 128, band: float = 4.0,
+                 worth: float = 16.0, cache_factor: float = 1.5, default_cache_tokens: int = 262_144):
         if block_chars < 4 or block_tokens < 1:
             raise ValueError("block_chars must be >= 4 and block_tokens >= 1")
-        if band < 0 or worth < 0 or not 0 < cache_fraction <= 1 or default_cache_tokens < 1:
-            raise ValueError("band and worth must be >= 0, cache_fraction in (0, 1], default_cache_tokens >= 1")
+        if band < 0 or worth < 0 or not cache_factor > 0 or default_cache_tokens < 1:
+            raise ValueError("band and worth must be >= 0, cache_factor > 0, default_cache_tokens >= 1")
         self.block_chars = block_chars
         self.block_tokens = block_tokens
         self.band = band
         self.worth = worth
-        self.cache_fraction = cache_fraction
+        self.cache_factor = cache_factor
         self.default_cache_tokens = default_cache_tokens
         self._holders: dict[int, int] = {}                   # block hash -> bitmask of worker indices
         self._lru: dict[int, OrderedDict[int, int]] = {}      # worker -> {block hash: tokens}, oldest first
@@ -216,6 +225,8 @@ class CacheAware(RoutingPolicy):
             scored.append((w.outstanding + cost - saved, saved, w))
         least = min(scored, key=_first)[0]
         band, worth = self.band * least, self.worth
+        if any(not w.in_flight for w in candidates):
+            band = 0                               # an idle worker takes the request: nobody idles
         best = best_rank = None
         for score, saved, w in scored:
             if score > least + min(band, worth * saved):
@@ -259,7 +270,7 @@ class CacheAware(RoutingPolicy):
         self.worker_removed(index)                 # READY again means a fresh engine: a cold cache
         reported = info.get("kv_cache_tokens") if info else None
         size = reported if isinstance(reported, int) and reported > 0 else self.default_cache_tokens
-        self._budget[index] = max(1, int(size * self.cache_fraction))
+        self._budget[index] = max(1, int(size * self.cache_factor))
         self._lru[index] = OrderedDict()
         self._used[index] = 0
 
