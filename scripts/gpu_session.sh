@@ -26,8 +26,10 @@ core)
     --fixed-len 512 --budget-s 320 --json "$out/scaling.json" 2>&1 | tail -40 > "$out/scaling.log"
   ;;
 prefix)
-  timeout 560 python3 -m bench.prefix --engine vllm --model "$big" --load-format dummy --gpus 0,0 \
-    --kv-cache-memory-bytes $((20 * gib)) --workloads docqa,gepa64,random --rounds 2 --budget-s 500 \
+  # Two engines on one GPU: each a fixed KV cache (and a memory share that leaves room for both).
+  timeout 580 python3 -m bench.prefix --engine vllm --model "$big" --load-format dummy --gpus 0,0 \
+    --gpu-memory-utilization 0.45 --kv-cache-memory-bytes $((20 * gib)) --policies least_loaded,cache_aware \
+    --workloads docqa,gepa64,random,gepa8,skew --rounds 2 --budget-s 480 \
     --json "$out/prefix.json" 2>&1 | tail -60 > "$out/prefix.log"
   ;;
 serve)
