@@ -177,9 +177,25 @@ def build(workload: str, text: Text, seed: int, scale: float, args) -> list[dict
 
 
 # -- the pool ------------------------------------------------------------------------------------
-def set_routing(pool, name: str) -> None:
+def make_policy(spec: str):
+    """A policy from ``name`` or ``name:key=value+...`` (e.g. ``prefix_affinity:slack=0``, the
+    pure affinity that bounds what routing can win on a load whose documents hash evenly)."""
+    name, _, opts = spec.partition(":")
+    if name not in POLICIES:
+        raise SystemExit(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")
+    kwargs = {}
+    for item in filter(None, opts.split("+")):
+        key, _, value = item.partition("=")
+        kwargs[key] = float(value) if "." in value else int(value)
+    try:
+        return POLICIES[name](**kwargs)
+    except TypeError as exc:
+        raise SystemExit(f"bad options for {name}: {exc}") from None
+
+
+def set_routing(pool, spec: str) -> None:
     """Swap the running pool's policy (nothing in flight). Bench only: private attributes."""
-    policy = POLICIES[name]()
+    policy = make_policy(spec)
     for w in pool.stats()["workers"]:
         if w["alive"]:
             policy.worker_added(w["index"], {"kv_cache_tokens": w.get("kv_cache_tokens"),
@@ -332,8 +348,7 @@ def bench_pool(args) -> dict:
     workloads = args.workloads.split(",")
     policies = args.policies.split(",")
     for p in policies:
-        if p not in POLICIES:
-            raise SystemExit(f"unknown policy {p!r}; known: {', '.join(POLICIES)}")
+        make_policy(p)                     # a typo fails here, before any engine starts
     t_start = time.perf_counter()
     with mpdp.Pool(**kwargs) as pool:
         result["pool_start_s"] = round(time.perf_counter() - t_start, 1)
@@ -488,7 +503,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-model-len", type=int, default=8192)
     ap.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--echo-delay-s", type=float, default=0.0, help="echo engine: seconds each request is held")
-    ap.add_argument("--policies", default=",".join(POLICY_NAMES))
+    ap.add_argument("--policies", default=",".join(POLICY_NAMES),
+                    help="comma-separated; a policy's options after a colon, joined by +: prefix_affinity:slack=0")
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--rounds", type=int, default=3)
     add_workload_arguments(ap)

@@ -5,12 +5,13 @@
 #
 #   scripts/gpu_session.sh OUT_DIR core     GPU tests; scaling bare vs mpdp1 (8B shape, fixed)
 #   scripts/gpu_session.sh OUT_DIR prefix   bench/prefix.py: two vLLM workers sharing the GPU
+#   scripts/gpu_session.sh OUT_DIR ceiling  docqa: cache_aware beside pure affinity and least_loaded
 #   scripts/gpu_session.sh OUT_DIR serve    mpdp serve vs vllm serve (SmolLM2 shape)
 #   scripts/gpu_session.sh OUT_DIR recovery two vLLM workers on one GPU, one SIGKILLed mid-run
 #   scripts/gpu_session.sh OUT_DIR ray      vLLM through the Ray launcher vs the local one (Ray on loopback)
 set -uo pipefail
-out=${1:?usage: scripts/gpu_session.sh OUT_DIR core|prefix|serve|recovery|ray}
-part=${2:?part: core, prefix, serve, recovery or ray}
+out=${1:?usage: scripts/gpu_session.sh OUT_DIR core|prefix|ceiling|serve|recovery|ray}
+part=${2:?part: core, prefix, ceiling, serve, recovery or ray}
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -31,6 +32,13 @@ prefix)
     --gpu-memory-utilization 0.45 --kv-cache-memory-bytes $((20 * gib)) --policies least_loaded,cache_aware \
     --workloads docqa,gepa64,random,gepa8,skew --rounds 2 --budget-s 480 \
     --json "$out/prefix.json" 2>&1 | tail -60 > "$out/prefix.log"
+  ;;
+ceiling)
+  # docqa beside pure affinity (prefix_affinity with no load slack): what routing can win there.
+  timeout 400 python3 -m bench.prefix --engine vllm --model "$big" --load-format dummy --gpus 0,0 \
+    --gpu-memory-utilization 0.45 --kv-cache-memory-bytes $((20 * gib)) \
+    --policies least_loaded,prefix_affinity:slack=0,cache_aware --workloads docqa --rounds 2 \
+    --json "$out/ceiling.json" 2>&1 | tail -20 > "$out/ceiling.log"
   ;;
 serve)
   port=8011
