@@ -70,6 +70,7 @@ recovery)
 ray)
   # SmolLM2's shape, eager: the engine is fast, so what the launcher and its TCP + Curve path cost shows.
   timeout 400 python3 -m bench.ray_overhead --engine vllm --model "$smol" --requests 2048 --max-tokens 256 \
+    --order "${MPDP_RAY_ORDER:-local,ray}" \
     --engine-options '{"load_format": "dummy", "enforce_eager": true, "gpu_memory_utilization": 0.4, "max_model_len": 2048}' \
     --json "$out/ray.json" 2>&1 | tail -30 > "$out/ray.log"
   ;;
