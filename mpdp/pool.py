@@ -365,6 +365,11 @@ class Pool:
     def closed(self) -> bool:
         return self._admission.state in (PoolState.CLOSED, PoolState.BROKEN)
 
+    @property
+    def start_error(self) -> BaseException | None:
+        """Why the workers could not start (the pool is then broken), or None."""
+        return self._dispatcher.start_error
+
     def stats(self) -> dict[str, Any]:
         """A snapshot the dispatcher publishes in its next round."""
         a, snap = self._admission, self._dispatcher.fresh_snapshot()
@@ -445,6 +450,10 @@ class AsyncStream(_StreamBase):
 
     def _push(self, res: EngineResult | None) -> None:     # on the dispatcher thread: never blocks
         self._loop.call_soon_threadsafe(self._queue.put_nowait, res)
+
+    def waiting(self) -> int:
+        """Deltas arrived and not read yet: a reader that fell behind may join them."""
+        return self._queue.qsize()
 
     async def __aiter__(self):
         try:

@@ -60,6 +60,9 @@ serve)
     for _ in $(seq 180); do curl -sf http://127.0.0.1:$port/v1/models >/dev/null && break; sleep 1; done
     timeout 150 python3 -m bench.serve_vs_vllm --base-url http://127.0.0.1:$port/v1 $load \
       --json "$out/serve-$server.json" 2>&1 | tail -20 > "$out/serve-$server.txt"
+    # The same load from a client that parses no event: the httpx one can be the slower side.
+    timeout 90 python3 -m bench.serve_vs_vllm --base-url http://127.0.0.1:$port/v1 $load --client light \
+      --json "$out/serve-$server-light.json" 2>&1 | tail -20 > "$out/serve-$server-light.txt"
     kill -INT $pid; wait $pid
   done
   ;;

@@ -35,6 +35,15 @@ def test_a_non_loopback_bind_needs_a_key_or_an_explicit_opt_out():
     assert r.returncode == 2 and "--api-key" in r.stderr and "--allow-unauthenticated" in r.stderr
 
 
+def test_workers_that_cannot_start_end_the_server_with_their_error(tmp_path):
+    s = ServerProcess("--engine", "echo", "--num-workers", "1", "--engine-option", "bogus=1", tmp_path=tmp_path,
+                      ready=False)
+    s.wait_line(r"the workers did not start: .*worker 0", 60)    # the pool's start_error, named
+    assert s.proc.wait(60) == 1
+    assert any("unknown echo engine options" in line for line in s.lines)
+    assert s.stop() == 1
+
+
 def test_the_api_key_guards_v1_but_not_health(tmp_path):
     s = ServerProcess("--engine", "echo", "--num-workers", "1", "--served-model-name", "m", "--api-key", "sekrit",
                       tmp_path=tmp_path)

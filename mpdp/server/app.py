@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mpdp import errors
 from mpdp.server import openai_shapes as shapes
+from mpdp.server import sse
 from mpdp.server.metrics import PoolCollector, RequestMetrics
 from mpdp.server.openai_shapes import APIError
 
@@ -41,13 +42,6 @@ DEFAULT_QUEUE_TIMEOUT = 600.0
 def _json(obj: Any, status: int = 200) -> Response:
     return Response(json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode(), status,
                     media_type="application/json")
-
-
-def _sse(obj: Any) -> bytes:
-    return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
-
-
-_DONE = b"data: [DONE]\n\n"
 
 
 class _SSEResponse(StreamingResponse):
@@ -400,34 +394,34 @@ async def _disconnected(request: Request) -> None:
 
 
 async def _events(state: ServerState, p: shapes.Parsed, held: _Streams, arrived: float):
-    """The SSE body: a role chunk per choice (chat), each engine delta as it comes, the finish
-    reason with the last text, a usage chunk when asked, ``[DONE]``. An error after the stream
-    began is one ``data: {"error": ...}`` event (as vLLM sends it), then ``[DONE]``."""
+    """The SSE body: a role chunk per choice (chat), the engines' deltas as they come (those that
+    waited for a busy server joined into one chunk), the finish reason with the last text, a
+    usage chunk when asked, ``[DONE]``. An error after the stream began is one
+    ``data: {"error": ...}`` event (as vLLM sends it), then ``[DONE]``."""
     rid, created, n, streams = shapes.new_id(p.kind), int(time.time()), p.n, held.streams
+    texts = sse.TextEvents(p, rid, created)
     first: float | None = None
     completions: list = [None] * len(streams)
     try:
         if p.kind == shapes.CHAT:
             for j in range(n):
-                yield _sse(shapes.chunk(p, rid, created, j, "", role=True))
-        async for i, delta in _merged(streams):
-            if delta.finished:
-                c = completions[i] = await asyncio.wrap_future(streams[i].future)
-                for j, text in enumerate(delta.texts):
-                    if text and first is None:
-                        first = time.monotonic()
+                yield sse.event(shapes.chunk(p, rid, created, j, "", role=True))
+        async for i, new, finished in sse.batches(streams):
+            if first is None and any(new):
+                first = time.monotonic()
+            if finished:
+                c = completions[i] = await _completion(streams[i].future)
+                for j, text in enumerate(new):
                     reason = shapes.finish_reason(c.finish_reasons[j] if j < len(c.finish_reasons) else "")
-                    yield _sse(shapes.chunk(p, rid, created, i * n + j, text, reason,
-                                            shapes.choice_logprobs(p, c, j)))
+                    yield sse.event(shapes.chunk(p, rid, created, i * n + j, text, reason,
+                                                 shapes.choice_logprobs(p, c, j)))
                 continue
-            for j, text in enumerate(delta.texts):
+            for j, text in enumerate(new):
                 if text:
-                    if first is None:
-                        first = time.monotonic()
-                    yield _sse(shapes.chunk(p, rid, created, i * n + j, text))
+                    yield texts.text(i * n + j, text)
         if p.include_usage:
-            yield _sse(shapes.usage_chunk(p, rid, created, completions))
-        yield _DONE
+            yield sse.event(shapes.usage_chunk(p, rid, created, completions))
+        yield sse.DONE
         now = time.monotonic()
         for c in completions:
             state.metrics.observe_done(c, now - arrived, None if first is None else first - arrived)
@@ -437,37 +431,15 @@ async def _events(state: ServerState, p: shapes.Parsed, held: _Streams, arrived:
     except Exception as exc:
         err = _api_error(exc, p)
         state.metrics.observe_failure(_failure_kind(err))
-        yield _sse(err.body())
-        yield _DONE
+        yield sse.event(err.body())
+        yield sse.DONE
     finally:
         held.close()
 
 
-async def _merged(streams: list):
-    """``(i, delta)`` from each stream as they come; one stream (the usual case) is read directly."""
-    if len(streams) == 1:
-        async for delta in streams[0]:
-            yield 0, delta
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i, s):
-        try:
-            async for delta in s:
-                await queue.put((i, delta, None))
-        except BaseException as exc:           # noqa: B036 - handed to the reader, which raises it
-            await queue.put((i, None, exc))
-
-    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        left = len(streams)
-        while left:
-            i, delta, exc = await queue.get()
-            if exc is not None:
-                raise exc
-            yield i, delta
-            if delta.finished:
-                left -= 1
-    finally:
-        for t in tasks:
-            t.cancel()
+async def _completion(future):
+    """A finished stream's Completion. Its future is resolved before the final delta is sent, so
+    it is read at once, without wrap_future's hop through the event loop."""
+    if future.done():
+        return future.result()
+    return await asyncio.wrap_future(future)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 import sys
 import threading
@@ -25,6 +26,14 @@ FINAL_FLUSH_S = 1.0          # after the grace: time for answers already made to
 
 def _say(message: str) -> None:
     print(f"mpdp serve: {message}", file=sys.stderr, flush=True)
+
+
+def _stack(config: uvicorn.Config) -> str:
+    """The event loop and HTTP parser serving, e.g. "uvloop, httptools" (they decide the cost of a
+    streamed token; a benchmark log should show which ones ran)."""
+    loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
+    http = config.http_protocol_class.__module__.rsplit(".", 1)[-1].removesuffix("_impl")
+    return f"{loop}, {http}"
 
 
 class _Server(uvicorn.Server):
@@ -76,9 +85,13 @@ class _Server(uvicorn.Server):
         if self.should_exit:               # could not bind
             self.exit_code = 1
             return
+        # As vllm serve does: what start-up built (modules, the app, the pool) lives as long as the
+        # process; frozen, the cycle collector stops walking it in every full collection.
+        gc.collect()
+        gc.freeze()
         host, port = self.servers[0].sockets[0].getsockname()[:2]
         where = f"[{host}]" if ":" in host else host
-        _say(f"listening on http://{where}:{port}")
+        _say(f"listening on http://{where}:{port} ({_stack(self.config)})")
         if self.owns_pool:
             self._watch_task = asyncio.ensure_future(self._watch_start())
 
@@ -87,7 +100,7 @@ class _Server(uvicorn.Server):
         while self.pool.state == "starting":
             await asyncio.sleep(0.1)
         if self.pool.state in ("broken", "closed"):
-            error = getattr(getattr(self.pool, "_dispatcher", None), "start_error", None)
+            error = self.pool.start_error
             _say(f"error: the workers did not start: {error or self.pool.state}")
             self.exit_code = 1
             self.should_exit = True
@@ -110,11 +123,13 @@ def serve(pool, host: str = "127.0.0.1", port: int = 8000, *, served_model_names
     ``close_pool``: close the pool when the server stops (the command line does). Other keywords
     go to ``create_app``."""
     app = create_app(pool, served_model_names, api_key=api_key, **app_options)
+    # "auto": uvloop and httptools where installed (as vllm serve gets them), else asyncio and h11.
+    # Server.run() applies the loop choice; asyncio.run(server.serve()) would always use asyncio's.
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
-                            lifespan="off", timeout_graceful_shutdown=FINAL_FLUSH_S)
+                            lifespan="off", timeout_graceful_shutdown=FINAL_FLUSH_S, loop="auto", http="auto")
     server = _Server(config, app.state.mpdp, grace, pool, close_pool)
     try:
-        asyncio.run(server.serve())
+        server.run()
     finally:
         if close_pool and not pool.closed:
             pool.close(wait=False)

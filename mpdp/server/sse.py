@@ -1,0 +1,107 @@
+"""Server-sent events of a streamed response, made cheaply: a streamed token's cost in Python
+decides the server's throughput when many clients stream at once.
+
+- ``event(obj)``: one ``data: {json}`` event.
+- ``TextEvents``: the content chunks of one response, each from a template cut once per choice
+  out of ``openai_shapes.chunk``'s own output (so the two shapes cannot drift apart); per delta
+  only the new text is JSON-encoded.
+- ``batches(streams)``: the pool streams' deltas as they come, those of one stream that are
+  already waiting joined into one. A server behind the engines then catches up with one event
+  per stream instead of one per engine step, as vLLM's server does (its output collector merges
+  the deltas its consumer has not taken yet); the joined text is the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, AsyncIterator
+
+from mpdp.server import openai_shapes as shapes
+
+DONE = b"data: [DONE]\n\n"
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_MARK = "\x00mpdp-text\x00"          # a text no model name, id or number encodes to
+_MARK_JSON = _encode(_MARK)
+
+
+def event(obj: Any) -> bytes:
+    return b"data: " + _encode(obj).encode() + b"\n\n"
+
+
+class TextEvents:
+    """The content events of one streamed response (one id, created time and model)."""
+
+    def __init__(self, p: shapes.Parsed, rid: str, created: int):
+        self.p, self.rid, self.created = p, rid, created
+        self._templates: dict[int, tuple[bytes, bytes]] = {}
+
+    def text(self, index: int, text: str) -> bytes:
+        """What ``event(shapes.chunk(p, rid, created, index, text))`` gives, for less."""
+        parts = self._templates.get(index)
+        if parts is None:
+            parts = self._templates[index] = self._template(index)
+        return parts[0] + _encode(text).encode() + parts[1]
+
+    def _template(self, index: int) -> tuple[bytes, bytes]:
+        whole = event(shapes.chunk(self.p, self.rid, self.created, index, _MARK))
+        before, mark, after = whole.partition(_MARK_JSON.encode())
+        if not mark or _MARK_JSON.encode() in after:
+            raise AssertionError("the chunk template's placeholder is not unique")
+        return before, after
+
+
+async def batches(streams: list) -> AsyncIterator[tuple[int, list[str], bool]]:
+    """``(i, texts, finished)``: stream ``i``'s new text per choice, joined over the deltas that
+    were waiting; one stream (the usual case) is read directly, without a task."""
+    if len(streams) == 1:
+        async for texts, finished in _joined(streams[0]):
+            yield 0, texts, finished
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, s):
+        try:
+            async for texts, finished in _joined(s):
+                queue.put_nowait((i, texts, finished, None))
+        except BaseException as exc:           # noqa: B036 - handed to the reader, which raises it
+            queue.put_nowait((i, None, True, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        left = len(streams)
+        while left:
+            i, texts, finished, exc = await queue.get()
+            if exc is not None:
+                raise exc
+            yield i, texts, finished
+            if finished:
+                left -= 1
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def _joined(stream) -> AsyncIterator[tuple[list[str], bool]]:
+    """One ``AsyncStream``'s deltas, those already waiting joined (texts per choice, in order).
+    Text read before the stream fails is still given out, then the error raised."""
+    texts: list[str] | None = None
+    try:
+        async for delta in stream:
+            if texts is None:
+                texts = delta.texts
+            else:
+                texts = _concat(texts, delta.texts)
+            if delta.finished or not stream.waiting():
+                yield texts, delta.finished
+                texts = None
+    except Exception:
+        if texts is not None:
+            yield texts, False
+        raise
+
+
+def _concat(a: list[str], b: list[str]) -> list[str]:
+    if len(a) < len(b):
+        a = a + [""] * (len(b) - len(a))
+    return [t + (b[j] if j < len(b) else "") for j, t in enumerate(a)]
