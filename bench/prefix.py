@@ -178,8 +178,9 @@ def build(workload: str, text: Text, seed: int, scale: float, args) -> list[dict
 
 # -- the pool ------------------------------------------------------------------------------------
 def make_policy(spec: str):
-    """A policy from ``name`` or ``name:key=value+...`` (e.g. ``prefix_affinity:slack=0``, the
-    pure affinity that bounds what routing can win on a load whose documents hash evenly)."""
+    """A policy from ``name`` or ``name:key=value+...``: e.g. ``prefix_affinity:slack=1000000000``
+    is pure affinity (load ignored), ``prefix_affinity:slack=0`` affinity only among equally loaded
+    workers (in effect least_loaded)."""
     name, _, opts = spec.partition(":")
     if name not in POLICIES:
         raise SystemExit(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")
@@ -504,7 +505,7 @@ def main(argv=None) -> int:
     ap.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--echo-delay-s", type=float, default=0.0, help="echo engine: seconds each request is held")
     ap.add_argument("--policies", default=",".join(POLICY_NAMES),
-                    help="comma-separated; a policy's options after a colon, joined by +: prefix_affinity:slack=0")
+                    help="comma-separated; a policy's options after a colon, joined by +: prefix_affinity:slack=1000000000")
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--rounds", type=int, default=3)
     add_workload_arguments(ap)

@@ -34,10 +34,10 @@ prefix)
     --json "$out/prefix.json" 2>&1 | tail -60 > "$out/prefix.log"
   ;;
 ceiling)
-  # docqa beside pure affinity (prefix_affinity with no load slack): what routing can win there.
+  # docqa beside pure affinity (prefix_affinity with a slack no load reaches): what routing can win there.
   timeout 400 python3 -m bench.prefix --engine vllm --model "$big" --load-format dummy --gpus 0,0 \
     --gpu-memory-utilization 0.45 --kv-cache-memory-bytes $((20 * gib)) \
-    --policies least_loaded,prefix_affinity:slack=0,cache_aware --workloads docqa --rounds 2 \
+    --policies least_loaded,prefix_affinity:slack=1000000000,cache_aware --workloads docqa --rounds 2 \
     --json "$out/ceiling.json" 2>&1 | tail -20 > "$out/ceiling.log"
   ;;
 serve)
@@ -45,8 +45,8 @@ serve)
   # The same engine settings on both sides (vllm serve's API context defaults to fewer sequences).
   opts=(--engine-option load_format=dummy --engine-option enforce_eager=true --engine-option max_num_seqs=256
         --engine-option gpu_memory_utilization=0.4 --engine-option max_model_len=2048)
-  load="--model smol --concurrency 256 --requests 2048 --max-tokens 128"
-  for server in vllm mpdp; do
+  load="--model smol --concurrency 256 --requests 2048 --max-tokens 128 --procs ${MPDP_CLIENT_PROCS:-8}"
+  for server in ${MPDP_SERVE_ORDER:-vllm mpdp}; do
     if [ $server = vllm ]; then
       python3 -m vllm.entrypoints.openai.api_server --model "$smol" --served-model-name smol --load-format dummy \
         --enforce-eager --max-num-seqs 256 --gpu-memory-utilization 0.4 --max-model-len 2048 \
