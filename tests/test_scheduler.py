@@ -103,3 +103,32 @@ def test_least_loaded_policy_alone():
     from mpdp.routing import WorkerLoad
     a, b = WorkerLoad(0, 10, outstanding=50), WorkerLoad(1, 10, outstanding=10)
     assert LeastLoaded().choose(Ticket(0), [a, b]) is b
+
+
+class Recording(LeastLoaded):
+    def __init__(self):
+        self.heard = []
+
+    def assigned(self, ticket, index):
+        self.heard.append(("assigned", ticket.id, index))
+
+    def finished(self, ticket, index):
+        self.heard.append(("finished", ticket.id, index))
+
+
+def test_policy_hooks_are_heard_and_follow_a_swapped_policy():
+    # The scheduler skips hooks a policy leaves as no-ops; one it overrides is always called,
+    # for requests bound in schedule(), requests finished and requests dropped in flight.
+    s = make([1, 1], policy=LeastLoaded())
+    s.enqueue(Ticket(0))
+    s.schedule()
+    s.finished(0, 0) or s.finished(1, 0)
+    rec = Recording()
+    s.policy = rec
+    assert s.policy is rec
+    for i in (1, 2):
+        s.enqueue(Ticket(i))
+    bound = {t.id: w for w, ts in s.schedule().items() for t in ts}
+    assert s.finished(bound[1], 1) and s.drop(2) == bound[2]
+    assert rec.heard == [("assigned", 1, bound[1]), ("assigned", 2, bound[2]),
+                         ("finished", 1, bound[1]), ("finished", 2, bound[2])]

@@ -33,6 +33,13 @@ from mpdp.routing.tickets import Ticket, WorkerLoad
 CRASH_HARD_LIMIT = 24
 
 
+def _hook(policy: RoutingPolicy, name: str):
+    """The policy's bound method ``name``, or None where it is the base class's no-op."""
+    if getattr(type(policy), name) is getattr(RoutingPolicy, name):
+        return None
+    return getattr(policy, name)
+
+
 class Scheduler:
     def __init__(self, policy: RoutingPolicy | None = None, max_batch: int = 512, max_crashes: int = 2,
                  max_batch_bytes: int | None = None):
@@ -44,6 +51,18 @@ class Scheduler:
         self.workers: dict[int, WorkerLoad] = {}
         self._dropped: set[int] = set()   # ids cancelled while waiting (removed lazily)
         self._group_ids = itertools.count(1)
+
+    @property
+    def policy(self) -> RoutingPolicy:
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: RoutingPolicy) -> None:
+        # The per-request hooks a policy leaves as the base class's no-ops are not called: two
+        # calls a request that least_loaded and cache_aware's misses would spend on nothing.
+        self._policy = policy
+        self._assigned = _hook(policy, "assigned")
+        self._finished = _hook(policy, "finished")
 
     # -- workers -------------------------------------------------------------------------------
     def add_worker(self, index: int, capacity: int, info: dict | None = None) -> None:
@@ -138,7 +157,8 @@ class Scheduler:
         if ticket.group is not None and ticket.group == load.suspects:
             if not any(t.group == ticket.group for t in load.in_flight.values()):
                 load.suspects = None      # the group is done here: the worker may take another
-        self.policy.finished(ticket, load.index)
+        if self._finished is not None:
+            self._finished(ticket, load.index)
 
     def where(self, request_id: int) -> int | None:
         for load in self.workers.values():
@@ -156,14 +176,17 @@ class Scheduler:
             return batches
         open_workers = [w for w in self.workers.values()
                         if w.free > 0 and len(batches.get(w.index, ())) < self.max_batch]
-        waiting, dropped, policy = self.waiting, self._dropped, self.policy
+        waiting, dropped, policy, assigned = self.waiting, self._dropped, self.policy, self._assigned
         while waiting and open_workers:
             ticket = waiting.popleft()
             if dropped and ticket.id in dropped:
                 dropped.discard(ticket.id)
                 continue
             w = policy.choose(ticket, open_workers) if len(open_workers) > 1 else open_workers[0]
-            self._bind(w, ticket)
+            w.in_flight[ticket.id] = ticket        # _bind, inlined: once per request
+            w.outstanding += ticket.cost
+            if assigned is not None:
+                assigned(ticket, w.index)
             batch = batches.setdefault(w.index, [])
             batch.append(ticket)
             if w.free <= 0 or len(batch) >= self.max_batch:
@@ -193,7 +216,8 @@ class Scheduler:
     def _bind(self, w: WorkerLoad, ticket: Ticket) -> None:
         w.in_flight[ticket.id] = ticket
         w.outstanding += ticket.cost
-        self.policy.assigned(ticket, w.index)
+        if self._assigned is not None:
+            self._assigned(ticket, w.index)
 
     @property
     def num_waiting(self) -> int:
