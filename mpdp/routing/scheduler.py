@@ -35,9 +35,8 @@ CRASH_HARD_LIMIT = 24
 
 def _hook(policy: RoutingPolicy, name: str):
     """The policy's bound method ``name``, or None where it is the base class's no-op."""
-    if getattr(type(policy), name) is getattr(RoutingPolicy, name):
-        return None
-    return getattr(policy, name)
+    hook = getattr(policy, name)
+    return None if getattr(hook, "__func__", None) is getattr(RoutingPolicy, name) else hook
 
 
 class Scheduler:
