@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import signal
 import sys
 import threading
@@ -85,10 +84,6 @@ class _Server(uvicorn.Server):
         if self.should_exit:               # could not bind
             self.exit_code = 1
             return
-        # As vllm serve does: what start-up built (modules, the app, the pool) lives as long as the
-        # process; frozen, the cycle collector stops walking it in every full collection.
-        gc.collect()
-        gc.freeze()
         host, port = self.servers[0].sockets[0].getsockname()[:2]
         where = f"[{host}]" if ":" in host else host
         _say(f"listening on http://{where}:{port} ({_stack(self.config)})")
