@@ -177,6 +177,18 @@ def build(workload: str, text: Text, seed: int, scale: float, args) -> list[dict
 
 
 # -- the pool ------------------------------------------------------------------------------------
+def parse_settings(items) -> dict:
+    """``key=value`` items as keyword arguments, each value read as JSON (``band=4``, ``slack=0.5``)."""
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            raise SystemExit(f"{item!r}: the value after = must be JSON (a number, true/false, ...)") from None
+    return out
+
+
 def make_policy(spec: str):
     """A policy from ``name`` or ``name:key=value+...``: e.g. ``prefix_affinity:slack=1000000000``
     is pure affinity (load ignored), ``prefix_affinity:slack=0`` affinity only among equally loaded
@@ -184,10 +196,7 @@ def make_policy(spec: str):
     name, _, opts = spec.partition(":")
     if name not in POLICIES:
         raise SystemExit(f"unknown policy {name!r}; known: {', '.join(POLICIES)}")
-    kwargs = {}
-    for item in filter(None, opts.split("+")):
-        key, _, value = item.partition("=")
-        kwargs[key] = float(value) if "." in value else int(value)
+    kwargs = parse_settings(filter(None, opts.split("+")))
     try:
         return POLICIES[name](**kwargs)
     except TypeError as exc:

@@ -23,11 +23,10 @@ from __future__ import annotations
 import argparse
 import heapq
 import itertools
-import json
 import statistics
 import sys
 
-from bench.prefix import WORKLOADS, Text, add_workload_arguments, build, write
+from bench.prefix import WORKLOADS, Text, add_workload_arguments, build, parse_settings, write
 from bench.prefix_sim_engine import Engine, EngineModel, prompt_tokens
 from mpdp.engines.base import EngineRequest
 from mpdp.requests import estimate_cost
@@ -182,14 +181,6 @@ def table(args, model: EngineModel, settings: dict | None = None) -> dict:
                   f"  computed {[w['computed_prompt_tokens'] for w in last.values()]}"
                   f"  starved {last_run['starved_s']}s", flush=True)
         out[workload] = rows
-    return out
-
-
-def parse_settings(items: list[str]) -> dict:
-    out = {}
-    for kv in items:
-        key, _, value = kv.partition("=")
-        out[key] = json.loads(value)
     return out
 
 
