@@ -362,21 +362,17 @@ class Dispatcher:
             self.ready.set()
 
     def _on_results(self, slot: Slot, results: list[EngineResult], now: float) -> None:
-        # The hottest loop of a batch run (one pass per result): _forget and _resolve are inlined.
         pending, finished = self._pending, self.scheduler.finished
         index = slot.index
-        resolved = 0
         for res in results:
             if not res.finished:
                 entry = pending.get(res.id)
                 if entry is not None and entry.sink is not None:
                     entry.sink(res)
                 continue
-            entry = pending.pop(res.id, None)
+            entry = self._forget(res.id)
             if entry is None:                  # cancelled or timed out meanwhile
                 continue
-            if entry.deadline is not None:
-                self._num_deadlines -= 1
             finished(index, res.id)
             slot.requests += 1
             slot.tokens += res.completion_tokens
@@ -384,14 +380,12 @@ class Dispatcher:
             if res.error_type:
                 self._fail(entry, errors.error_from_wire(res.error_type, res.error or "", res.traceback))
                 continue
-            entry.future.resolve(Completion(
+            self._resolve(entry, Completion(
                 res.texts[0] if res.texts else "", res.finish_reasons[0] if res.finish_reasons else "",
                 res.prompt_tokens, res.completion_tokens, index, res.texts, res.finish_reasons,
                 res.logprobs))
-            resolved += 1
             if entry.sink is not None:
                 entry.sink(res)
-        self._resolved += resolved
         slot.last_result = now
 
     # -- deaths, timers -----------------------------------------------------------------------------

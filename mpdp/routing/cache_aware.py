@@ -30,8 +30,9 @@ being disjoint and both thrash), while remembering one the engine dropped sends 
 prefill there, which a miss would cost anyway. The 4-characters-a-token guess also overstates the
 tokens of wordy text by up to a third, filling a budget of exactly the KV size too soon.
 A request's blocks are refreshed last-first, so a prefix's first blocks are the most recent and
-the tail goes first, as vLLM frees a request's blocks in reverse order. A worker that dies or stops takes its entries with it (its cache is gone), and a worker
-that becomes READY starts empty, so a restart is cold here as it is in the engine.
+the tail goes first, as vLLM frees a request's blocks in reverse order. A worker that dies or
+stops takes its entries with it (its cache is gone), and a worker that becomes READY starts
+empty, so a restart is cold here as it is in the engine.
 
 **The load criterion.** Load is what the worker still has to process, in tokens
 (``WorkerLoad.outstanding``, the sum of its tickets' costs). A cached prefix is work the worker

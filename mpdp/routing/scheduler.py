@@ -175,17 +175,14 @@ class Scheduler:
             return batches
         open_workers = [w for w in self.workers.values()
                         if w.free > 0 and len(batches.get(w.index, ())) < self.max_batch]
-        waiting, dropped, policy, assigned = self.waiting, self._dropped, self.policy, self._assigned
+        waiting, dropped, policy = self.waiting, self._dropped, self.policy
         while waiting and open_workers:
             ticket = waiting.popleft()
             if dropped and ticket.id in dropped:
                 dropped.discard(ticket.id)
                 continue
             w = policy.choose(ticket, open_workers) if len(open_workers) > 1 else open_workers[0]
-            w.in_flight[ticket.id] = ticket        # _bind, inlined: once per request
-            w.outstanding += ticket.cost
-            if assigned is not None:
-                assigned(ticket, w.index)
+            self._bind(w, ticket)
             batch = batches.setdefault(w.index, [])
             batch.append(ticket)
             if w.free <= 0 or len(batch) >= self.max_batch:
