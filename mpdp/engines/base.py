@@ -4,7 +4,7 @@ A worker owns exactly one engine and runs this loop (see ``mpdp/worker.py``)::
 
     while running:
         for req in new requests from the dispatcher:
-            engine.add(req)          # ValueError/TypeError -> that request fails alone
+            engine.add(req)          # any exception -> that request fails alone
         if engine.has_unfinished():
             for result in engine.step():   # finished requests, and partial ones that stream
                 send result back at once
@@ -154,7 +154,8 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     def add(self, request: EngineRequest) -> None:
-        """Accept a request. Raise ValueError/TypeError/ContextWindowExceeded for bad input."""
+        """Accept a request. Raise ValueError/TypeError/ContextWindowExceeded for bad input (the
+        caller sees that class); any other exception fails the request alone as an EngineError."""
 
     @abc.abstractmethod
     def step(self) -> list[EngineResult]:

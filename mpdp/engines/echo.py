@@ -10,7 +10,9 @@ one character counts as one token. Options:
 - ``faults``: when true, a prompt ``"!fault:<kind>"`` makes the engine fail in that way, so the
   failure tests can crash a real worker: ``exit`` (``os._exit(3)``), ``kill`` (SIGKILL itself),
   ``segv`` (SIGSEGV itself), ``raise`` (an exception in ``step``), ``hang`` (``step`` never returns),
-  ``reject`` (``add`` raises ValueError: a bad request, not a crash), ``badresult`` (``step``
+  ``reject`` (``add`` raises ValueError: a bad request, not a crash), ``addfail`` (``add`` raises
+  an exception of no standard class, as vLLM's own request errors are: still the request's
+  failure alone), ``badresult`` (``step``
   returns a result of the wrong shape: a protocol violation the dispatcher must survive). The prompt ``"!held"``
   answers at once with the ids of the other requests the engine holds (``"3 7"``), so a test
   can see that a cancelled or timed-out request was really aborted inside the engine.
@@ -32,6 +34,10 @@ from mpdp.engines.base import ContextWindowExceeded, Engine, EngineRequest, Engi
 
 FAULT_PREFIX = "!fault:"
 HELD_PROBE = "!held"
+
+
+class EchoAddError(Exception):
+    """What ``!fault:addfail`` raises from ``add``: neither ValueError nor TypeError."""
 
 
 class EchoEngine(Engine):
@@ -75,6 +81,8 @@ class EchoEngine(Engine):
             kind = text[len(FAULT_PREFIX):]
             if kind == "reject":
                 raise ValueError("the echo engine was asked to reject this request")
+            if kind == "addfail":
+                raise EchoAddError("the echo engine failed to add this request on purpose")
             if kind == "badresult":
                 self._bad_results.append(request.id)
                 return

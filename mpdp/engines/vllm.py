@@ -24,6 +24,7 @@ random numbers (unseeded requests at temperature > 0 would otherwise repeat acro
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import multiprocessing
@@ -98,27 +99,19 @@ class VLLMEngine(Engine):
         if rid in self._live:
             raise ValueError(f"request {request.id} is already in flight on this worker")
         params = request.params or {}
-        try:
+        with _request_errors():
             sampling = self._sampling_params(params, stream=request.stream)
             token_ids = self._prompt_token_ids(request, params.get("chat_template_kwargs"))
-        except ValueError as exc:              # vLLM's own errors subclass ValueError: keep the name simple
-            raise ValueError(str(exc)) from exc
-        except TypeError as exc:
-            raise TypeError(str(exc)) from exc
         if len(token_ids) >= self._max_model_len:
             raise ContextWindowExceeded(
                 f"the prompt has {len(token_ids)} tokens but the model's context window is "
                 f"{self._max_model_len} tokens (max_model_len), and at least one must be left to generate")
-        try:
+        with _request_errors("vLLM rejected the request: "):    # bad ids, bad structured-output schema, ...
             from vllm.inputs import TokensPrompt
 
             # What LLM.generate does for a token prompt: the renderer turns it into the engine's input.
             (engine_input,) = self._renderer.render_cmpl([TokensPrompt(prompt_token_ids=token_ids)])
             self._engine.add_request(rid, engine_input, sampling)
-        except ValueError as exc:              # bad ids, bad structured-output schema, ...
-            raise ValueError(f"vLLM rejected the request: {exc}") from exc
-        except TypeError as exc:
-            raise TypeError(f"vLLM rejected the request: {exc}") from exc
         self._live[rid] = request.id
         if request.stream:
             self._streams[rid] = _Accumulated(len(token_ids))
@@ -226,6 +219,42 @@ class VLLMEngine(Engine):
             return list(prompt["prompt_token_ids"])
         # Chat prompts carry their special tokens in the template: none added (renderer's chat default).
         return list(self._tokenizer.encode(prompt["prompt"], add_special_tokens=False))
+
+
+@contextlib.contextmanager
+def _request_errors(prefix: str = ""):
+    """Re-raise bad input as ValueError/TypeError (see ``request_error``); anything else as it is."""
+    try:
+        yield
+    except Exception as exc:
+        error = request_error(exc, prefix)
+        if error is None:
+            raise
+        raise error from exc
+
+
+def request_error(exc: Exception, prefix: str = "") -> Exception | None:
+    """What the caller sees for an exception vLLM raised while a request was added: ValueError for
+    bad input, TypeError for a wrong type, None for anything else (raised as it is: the worker
+    fails that request alone whatever the class, as an EngineError naming it).
+
+    Bad input is ValueError (vLLM <= 0.26: its VLLMValidationError subclassed ValueError) or,
+    from vLLM 0.27, any ``vllm.exceptions.VLLMClientError`` (VLLMValidationError among them),
+    which is no ValueError: SamplingParams, the input processor (token ids out of the vocabulary),
+    the xgrammar backend (an invalid JSON schema) and chat-template resolution raise it."""
+    if isinstance(exc, TypeError):
+        return TypeError(f"{prefix}{exc}")
+    if isinstance(exc, ValueError) or _is_client_error(exc):
+        return ValueError(f"{prefix}{exc}")
+    return None
+
+
+def _is_client_error(exc: Exception) -> bool:
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:                        # vLLM <= 0.26: its request errors are ValueErrors
+        return False
+    return isinstance(exc, VLLMClientError)
 
 
 def _engine_kwargs(options: dict[str, Any], placement: WorkerPlacement) -> dict[str, Any]:

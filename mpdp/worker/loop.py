@@ -130,7 +130,11 @@ def _add_all(engine, items: list, out: list) -> None:
             continue
         try:
             engine.add(req)
-        except (ValueError, TypeError) as exc:   # a bad request fails alone
+        except Exception as exc:
+            # Whatever add raises is this request's failure, not the worker's: engines raise
+            # classes of their own for bad input (vLLM >= 0.27's VLLMValidationError is no
+            # ValueError), and a worker killed for one would hand it on to the next (crash retry).
+            # Only a failing step() is the engine's (see _serve).
             out.append(EngineResult.failure(req.id, exc))
 
 
