@@ -17,7 +17,9 @@ from mpdp.wire import protocol
 
 @dataclass(slots=True, frozen=True)
 class Completion:
-    """One finished request. ``text``/``finish_reason`` are the first choice's; ``choices`` has all n."""
+    """One finished request. ``text``/``finish_reason`` are the first choice's; ``choices`` has all n.
+    ``cached_tokens``: the prompt tokens the engine found in its prefix cache (vLLM's
+    ``num_cached_tokens``); None where the engine does not say (hf, echo)."""
 
     text: str
     finish_reason: str
@@ -27,6 +29,7 @@ class Completion:
     choices: list[str]
     finish_reasons: list[str]
     logprobs: list[Any] | None = None
+    cached_tokens: int | None = None
 
 
 def _check_messages(messages: Any) -> list[dict[str, Any]]:

@@ -383,7 +383,7 @@ class Dispatcher:
             self._resolve(entry, Completion(
                 res.texts[0] if res.texts else "", res.finish_reasons[0] if res.finish_reasons else "",
                 res.prompt_tokens, res.completion_tokens, index, res.texts, res.finish_reasons,
-                res.logprobs))
+                res.logprobs, res.cached_tokens))
             if entry.sink is not None:
                 entry.sink(res)
         slot.last_result = now

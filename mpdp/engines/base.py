@@ -63,6 +63,7 @@ class EngineResult:
     error: str | None = None
     finished: bool = True
     traceback: str | None = None
+    cached_tokens: int | None = None                          # prompt tokens the engine's cache held
 
     @classmethod
     def failure(cls, request_id: int, exc: BaseException) -> "EngineResult":

@@ -322,6 +322,7 @@ def _result(request_id: int, out) -> EngineResult:
         prompt_tokens=len(out.prompt_token_ids or ()),
         completion_tokens=sum(len(c.token_ids) for c in choices),
         logprobs=logprobs,
+        cached_tokens=_cached_tokens(out),
     )
 
 
@@ -330,12 +331,16 @@ class _Accumulated:
 
     def __init__(self, prompt_tokens: int):
         self.prompt_tokens = prompt_tokens
+        self.cached_tokens: int | None = None
         self.texts: dict[int, list[str]] = {}
         self.tokens: dict[int, int] = {}
         self.reasons: dict[int, str] = {}
         self.logprobs: dict[int, list] = {}
 
     def add(self, out) -> None:
+        cached = _cached_tokens(out)
+        if cached is not None:             # set once the prompt is scheduled; kept from then on
+            self.cached_tokens = cached
         for c in out.outputs:
             self.texts.setdefault(c.index, []).append(c.text)
             self.tokens[c.index] = self.tokens.get(c.index, 0) + len(c.token_ids)
@@ -359,7 +364,14 @@ class _Accumulated:
             id=request_id, texts=["".join(self.texts[i]) for i in order],
             finish_reasons=[_FINISH.get(self.reasons.get(i), "stop") for i in order],
             prompt_tokens=self.prompt_tokens, completion_tokens=sum(self.tokens.values()),
-            logprobs=[self.logprobs.get(i, []) for i in order] if self.logprobs else None)
+            logprobs=[self.logprobs.get(i, []) for i in order] if self.logprobs else None,
+            cached_tokens=self.cached_tokens)
+
+
+def _cached_tokens(out) -> int | None:
+    """The prompt tokens vLLM took from its prefix cache for this request (RequestOutput.num_cached_tokens)."""
+    cached = getattr(out, "num_cached_tokens", None)
+    return int(cached) if cached is not None else None
 
 
 def _chosen_logprobs(choice) -> list[float | None]:

@@ -29,7 +29,7 @@ import msgpack
 from mpdp.engines.base import EngineRequest, EngineResult
 from mpdp.errors import ProtocolError
 
-VERSION = 2
+VERSION = 3
 
 
 class Tag(enum.IntEnum):
@@ -170,17 +170,17 @@ def abort_ids(body: Any) -> list[int]:
 # -- results -----------------------------------------------------------------------------------
 def result_to_wire(res: EngineResult) -> list:
     return [res.id, res.texts, res.finish_reasons, res.prompt_tokens, res.completion_tokens,
-            res.logprobs, res.error_type, res.error, res.finished, res.traceback]
+            res.logprobs, res.error_type, res.error, res.finished, res.traceback, res.cached_tokens]
 
 
 def result_from_wire(item: Any) -> EngineResult:
     # On the dispatcher's hot path (once per result): exact type tests, no helper calls.
     # msgpack decodes ints as int and arrays as list, never subclasses, so `type(...) is` is exact.
-    if (type(item) is not list or len(item) != 10 or type(item[0]) is not int
+    if (type(item) is not list or len(item) != 11 or type(item[0]) is not int
             or type(item[1]) is not list or type(item[2]) is not list
             or type(item[3]) is not int or type(item[4]) is not int):
         raise ProtocolError("a RESULTS item must be [id, texts, finish_reasons, prompt_tokens, "
-                            "completion_tokens, logprobs, error_type, error, finished, traceback]")
+                            "completion_tokens, logprobs, error_type, error, finished, traceback, cached_tokens]")
     return EngineResult(*item)
 
 
