@@ -32,6 +32,7 @@ from typing import Any, Iterable, Iterator
 
 from mpdp import errors
 from mpdp.config import PoolConfig, SamplingParams, check_sampling
+from mpdp.core import kv_events
 from mpdp.core.admission import Admission, PoolState
 from mpdp.core.dispatcher import Close, Dispatcher, Entry, Submit, finite_deadline
 from mpdp.core.futures import PoolFuture, failed_future
@@ -100,6 +101,8 @@ class Pool:
                                   host=remote.bind_host if remote else config.transport_host,
                                   port=config.transport_port)
         self._policy = POLICIES[config.routing]()
+        # cache_aware on vLLM: the engines publish their KV-cache events, a thread keeps an exact index.
+        self._kv_events = kv_events.attach(self._policy, engine_cls, self.model, options, remote is not None)
         self._admission = admission = Admission(config.max_pending)
         launch = LaunchConfig(self.engine, self.model, options, config.heartbeat_interval,
                               config.dispatcher_timeout, dict(config.worker_env))
@@ -119,7 +122,11 @@ class Pool:
         except BaseException:          # the endpoint could not be bound: nothing may stay behind
             if remote is not None:
                 remote.close()
+            if self._kv_events is not None:
+                self._kv_events.close()
             raise
+        if self._kv_events is not None:
+            weakref.finalize(self, self._kv_events.close)
         # Runs on close(), garbage collection or interpreter exit; holds no reference to the pool.
         self._finalizer = weakref.finalize(self, _shutdown, d, False, 10.0, self._owner_pid)
         if config.wait_ready:
@@ -349,6 +356,8 @@ class Pool:
             return
         _shutdown(self._dispatcher, wait and not cancel_pending, timeout, self._owner_pid)
         self._finalizer()         # kills leftovers; runs once
+        if self._kv_events is not None:
+            self._kv_events.close()
 
     def __enter__(self) -> "Pool":
         return self

@@ -30,3 +30,380 @@ def test_vllm_num_cached_tokens_reaches_the_result_and_crosses_the_wire():
     acc.add(_output(None))                 # a later delta that does not repeat it keeps the figure
     assert acc.final(7, _output(None)).cached_tokens == 16
     assert EngineResult(1).cached_tokens is None   # engines that do not say (hf, echo)
+
+
+# -- vLLM-shaped event batches -------------------------------------------------------------------
+import os
+import threading
+import time
+from collections import deque
+
+import msgpack
+import pytest
+import zmq
+
+from mpdp.core.kv_events import KVEventListener, decode_batch
+from mpdp.routing import CacheAware, Ticket, WorkerLoad
+from mpdp.routing.kv_index import (APPLIED, CLEARED, DUPLICATE, GAP, REMOVED, STORED, Feed, KVIndex, block_keys,
+                                   cacheable_blocks, feed_from_ready)
+
+BS = 4   # block size of the tests' engines
+
+
+def stored(hashes, parent, tokens, array_like=True, medium="GPU", lora_id=None):
+    """A vLLM BlockStored as msgspec encodes it (tag first / "type" field; trailing defaults omitted)."""
+    if array_like:
+        return ["BlockStored", hashes, parent, tokens, BS, lora_id, medium, None]
+    return {"type": "BlockStored", "block_hashes": hashes, "parent_block_hash": parent, "token_ids": tokens,
+            "block_size": BS, "lora_id": lora_id, "medium": medium, "lora_name": None}
+
+
+def removed(hashes, array_like=True):
+    return ["BlockRemoved", hashes, "GPU"] if array_like else {"type": "BlockRemoved", "block_hashes": hashes,
+                                                               "medium": "GPU"}
+
+
+def cleared(array_like=True):
+    return ["AllBlocksCleared"] if array_like else {"type": "AllBlocksCleared"}
+
+
+def batch(events, array_like=True) -> bytes:
+    body = [time.time(), events, 0] if array_like else {"ts": time.time(), "events": events, "data_parallel_rank": 0}
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def chain(tokens, parent=None, first=1):
+    """Engine hashes for the whole blocks of ``tokens`` (any distinct values do: mpdp never recomputes them)."""
+    n = len(tokens) // BS
+    return [first + i for i in range(n)], parent, tokens[:n * BS]
+
+
+def feed(topic="mpdp-kv/0/aa", endpoint="inproc://x", replay=None, limit=1000) -> Feed:
+    return Feed(topic, endpoint, replay, BS, limit)
+
+
+# -- the pure index --------------------------------------------------------------------------------
+def test_stored_removed_cleared_and_copies():
+    kv = KVIndex()
+    kv.start(0, feed())
+    toks = list(range(100, 112))                       # 3 blocks
+    hashes, parent, t = chain(toks)
+    assert kv.apply(0, 0, decode_batch(batch([stored(hashes, parent, t)]))) == APPLIED
+    keys = block_keys(toks, BS)
+    assert kv.match(keys, [0]) == {0: 3}
+    assert kv.match(block_keys(toks[:4] + [0, 0, 0, 0], BS), [0]) == {0: 1}   # diverges at block 2
+    # a second copy of the tail block (two requests filled it at once): evicting one keeps it
+    assert kv.apply(0, 1, [(STORED, [3], 2, toks[8:12], BS)]) == APPLIED
+    assert kv.apply(0, 2, [(REMOVED, [3])]) == APPLIED
+    assert kv.match(keys, [0]) == {0: 3}
+    assert kv.apply(0, 3, [(REMOVED, [3, 99])]) == APPLIED   # an unknown hash is ignored
+    assert kv.match(keys, [0]) == {0: 2}
+    assert kv.apply(0, 4, [(CLEARED,)]) == APPLIED
+    assert kv.match(keys, [0]) == {0: 0} and kv.holders == {}
+
+
+def test_a_block_under_an_unknown_parent_is_dropped_never_guessed():
+    kv = KVIndex()
+    kv.start(0, feed())
+    kv.apply(0, 0, [(STORED, [7, 8], 555, list(range(8)), BS)])
+    assert kv.blocks(0) == 0 and kv.worker_stats(0)["kv_orphans"] == 2
+
+
+def test_sequence_gap_duplicate_restart_and_bounded_memory():
+    kv = KVIndex()
+    kv.start(0, feed(limit=4))
+    toks = list(range(8))
+    assert kv.apply(0, 0, [(STORED, [1, 2], None, toks, BS)]) == APPLIED
+    assert kv.apply(0, 0, [(STORED, [1, 2], None, toks, BS)]) == DUPLICATE
+    assert kv.apply(0, 5, [(REMOVED, [1])]) == GAP and kv.blocks(0) == 2    # nothing applied
+    kv.restart(0, 5)                                                        # no replay: clear, go on
+    assert kv.blocks(0) == 0 and kv.next_seq(0) == 5
+    assert kv.apply(0, 5, [(STORED, [1, 2], None, toks, BS)]) == APPLIED
+    many = list(range(40))                                                  # 10 blocks > limit 4
+    kv.apply(0, 6, [(STORED, list(range(100, 110)), None, many, BS)])
+    assert kv.blocks(0) == 0 and kv.worker_stats(0)["kv_overflows"] == 1 and kv.holders == {}
+
+
+def test_two_workers_and_a_restart_clear_only_that_worker():
+    kv = KVIndex()
+    toks = list(range(12))
+    for i in (0, 1):
+        kv.start(i, feed(topic=f"t{i}"))
+        kv.apply(i, 0, [(STORED, [1, 2, 3], None, toks, BS)])
+    keys = block_keys(toks, BS)
+    assert kv.match(keys, [0, 1]) == {0: 3, 1: 3}
+    kv.start(1, feed(topic="t1-new"))                  # a new incarnation starts empty
+    assert kv.match(keys, [0, 1]) == {0: 3, 1: 0}
+    kv.stop(0)
+    assert kv.holders == {}
+
+
+def test_keys_stop_before_the_last_token_as_vllm_does():
+    assert cacheable_blocks(12, 4) == 2 and cacheable_blocks(13, 4) == 3 and cacheable_blocks(0, 4) == 0
+    assert len(block_keys(list(range(12)), 4, cacheable_blocks(12, 4))) == 2
+
+
+def test_decode_both_msgspec_layouts_and_skip_what_tokens_cannot_key():
+    for array_like in (True, False):
+        events = decode_batch(batch([stored([1], None, [1, 2, 3, 4], array_like),
+                                     stored([2], None, [5, 6, 7, 8], array_like, medium="CPU"),
+                                     stored([3], None, [5, 6, 7, 8], array_like, lora_id=2),
+                                     removed([1], array_like), cleared(array_like)], array_like))
+        assert events == [(STORED, [1], None, [1, 2, 3, 4], BS), (REMOVED, [1]), (CLEARED,)]
+    bytes_hash = b"\x01" * 32                          # sha256 block hashes travel as msgpack bin
+    assert decode_batch(batch([stored([bytes_hash], None, [1, 2, 3, 4])]))[0][1] == [bytes_hash]
+    with pytest.raises(ValueError):
+        decode_batch(b"\xc1")
+
+
+def test_feed_from_ready():
+    info = {"kv_cache_tokens": 4000, "extra": {"kv_events": {"topic": "t", "endpoint": "ipc://e",
+                                                             "replay_endpoint": "ipc://r", "block_size": 16}}}
+    f = feed_from_ready(info)
+    assert (f.topic, f.endpoint, f.replay_endpoint, f.block_size, f.limit) == ("t", "ipc://e", "ipc://r", 16, 1524)
+    assert feed_from_ready({"extra": {}}) is None and feed_from_ready({}) is None
+
+
+# -- the listener, against a publisher shaped as vLLM's ZmqEventPublisher ---------------------------
+class Publisher:
+    """vLLM's publisher in miniature: a PUB socket sending [topic, seq (8 bytes big-endian), payload],
+    a ROUTER answering replay requests ([identity, b"", start seq]) with every buffered batch from
+    there on, then the end marker (seq -1, empty payload). One thread owns both sockets."""
+
+    def __init__(self, folder, topic: str, replay: bool = True):
+        self.topic = topic.encode()
+        self.endpoint = f"ipc://{folder}/ev-{topic.replace('/', '_')}"
+        self.replay_endpoint = f"ipc://{folder}/rp-{topic.replace('/', '_')}" if replay else None
+        self.buffer: list[tuple[int, bytes]] = []
+        self.seq = 0
+        self._todo: deque = deque()
+        self._stop = threading.Event()
+        self._bound = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        assert self._bound.wait(10)
+
+    def publish(self, events, send: bool = True) -> int:
+        """Queue one batch; ``send=False`` loses it on the way (it stays in the replay buffer)."""
+        seq, self.seq = self.seq, self.seq + 1
+        self._todo.append((seq, batch(events), send))
+        return seq
+
+    def feed(self, limit: int = 10_000) -> Feed:
+        return Feed(self.topic.decode(), self.endpoint, self.replay_endpoint, BS, limit)
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self):
+        ctx = zmq.Context()
+        pub = ctx.socket(zmq.PUB)
+        pub.bind(self.endpoint)
+        router = None
+        if self.replay_endpoint:
+            router = ctx.socket(zmq.ROUTER)
+            router.bind(self.replay_endpoint)
+        self._bound.set()
+        try:
+            while not self._stop.is_set():
+                while self._todo:
+                    seq, payload, send = self._todo.popleft()
+                    self.buffer.append((seq, payload))
+                    if send:
+                        pub.send_multipart([self.topic, seq.to_bytes(8, "big"), payload])
+                if router is not None and router.poll(10):
+                    ident, _, start = router.recv_multipart()
+                    for s, p in self.buffer:
+                        if s >= int.from_bytes(start, "big"):
+                            router.send_multipart([ident, b"", s.to_bytes(8, "big"), p])
+                    router.send_multipart([ident, b"", (-1).to_bytes(8, "big", signed=True), b""])
+                else:
+                    time.sleep(0.01)
+        finally:
+            pub.close(0)
+            if router is not None:
+                router.close(0)
+            ctx.term()
+
+
+def wait_for(predicate, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.fixture
+def listener():
+    made = []
+
+    def make(**kwargs):
+        lst = KVEventListener(**kwargs)
+        made.append(lst)
+        return lst
+
+    yield make
+    for lst in made:
+        lst.close()
+
+
+@pytest.fixture
+def publishers(tmp_path):
+    made = []
+
+    def make(topic, **kwargs):
+        p = Publisher(tmp_path, topic, **kwargs)
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        p.close()
+
+
+def connected(lst: KVEventListener, pub: Publisher, i: int) -> None:
+    """Publish probe batches until the SUB socket hears them (ZeroMQ's slow joiner): the first
+    ones are lost and come back by replay."""
+    lst.index.want(i, pub.feed())
+    assert wait_for(lambda: lst.index.feed_of(i) == pub.feed())
+    for _ in range(500):
+        pub.publish([])
+        if wait_for(lambda: lst.index.next_seq(i) == pub.seq, 0.2):
+            return
+    raise AssertionError("the listener never heard the publisher")
+
+
+@pytest.mark.timeout(60)
+def test_listener_keeps_the_index_and_replays_what_it_missed(listener, publishers):
+    lst = listener()
+    pub = publishers("mpdp-kv/0/aa")
+    connected(lst, pub, 0)                             # probes it missed at first were replayed
+    toks = list(range(40, 52))
+    hashes, parent, t = chain(toks)
+    pub.publish([stored(hashes, parent, t)], send=False)   # lost on the way
+    pub.publish([removed([3])])                             # seen: a gap before it -> replay
+    keys = block_keys(toks, BS)
+    assert wait_for(lambda: lst.index.match(keys, [0]) == {0: 2})
+    stats = lst.index.worker_stats(0)
+    assert stats["kv_resyncs"] >= 1 and stats["kv_restarts"] == 0 and stats["kv_events_live"] is True
+
+
+@pytest.mark.timeout(60)
+def test_a_gap_that_cannot_be_replayed_clears_the_worker(listener, publishers):
+    lst = listener()
+    pub = publishers("mpdp-kv/0/bb", replay=False)
+    lst.index.want(0, pub.feed())
+    toks = list(range(12))
+    for _ in range(500):                               # until one stored batch is heard
+        pub.publish([stored(*chain(toks))])
+        if wait_for(lambda: lst.index.blocks(0) == 3, 0.2):
+            break
+    keys = block_keys(toks, BS)
+    assert lst.index.match(keys, [0]) == {0: 3}
+    before = lst.index.worker_stats(0)["kv_restarts"]   # the slow joiner's first gap was one
+    pub.publish([removed([1, 2, 3])], send=False)      # lost, and no replay socket
+    pub.publish([])
+    assert wait_for(lambda: lst.index.worker_stats(0)["kv_restarts"] == before + 1)
+    assert lst.index.match(keys, [0]) == {0: 0}        # it may hold less than the engine, never more
+
+
+@pytest.mark.timeout(60)
+def test_a_restarted_worker_is_followed_on_its_new_topic_only(listener, publishers):
+    lst = listener()
+    old, new = publishers("mpdp-kv/0/old"), publishers("mpdp-kv/0/new")
+    connected(lst, old, 0)
+    connected(lst, new, 0)                             # READY of the new incarnation
+    assert lst.index.usable(0) and lst.index.feed_of(0).topic == "mpdp-kv/0/new"
+    toks = list(range(8))
+    old.publish([stored(*chain(toks))])                # the old engine's last words are ignored
+    new.publish([])
+    assert wait_for(lambda: lst.index.next_seq(0) == new.seq)
+    assert lst.index.blocks(0) == 0
+
+
+@pytest.mark.timeout(60)
+def test_events_that_stop_make_the_worker_fall_back_then_resume(listener, publishers):
+    lst = listener(stale_s=0.3)
+    pub = publishers("mpdp-kv/0/cc")
+    connected(lst, pub, 0)
+    time.sleep(0.5)
+    lst.index.expect(0)                                # a request stored blocks; no batch follows
+    assert wait_for(lambda: not lst.index.usable(0))
+    pub.publish([])
+    assert wait_for(lambda: lst.index.usable(0))
+
+
+# -- routing by the index ----------------------------------------------------------------------------
+from mpdp.engines.base import EngineRequest  # noqa: E402
+
+
+def _policy_with_index():
+    policy = CacheAware(block_tokens=8)
+    kv = KVIndex()
+    policy.use_kv_events(kv, lambda req: req.prompt_token_ids, BS)
+    workers = [WorkerLoad(i, capacity=100) for i in range(2)]
+    for w in workers:
+        info = {"kv_cache_tokens": 4000, "extra": {"kv_events": {"topic": f"t{w.index}", "endpoint": "ipc://e",
+                                                                 "replay_endpoint": None, "block_size": BS}}}
+        policy.worker_added(w.index, info)
+        kv.start(w.index, kv.wanted[w.index])          # what the listener does when it follows it
+    return policy, kv, workers
+
+
+def _ticket(policy, i, ids, max_tokens=8):
+    req = EngineRequest(i, None, None, ids, {"max_tokens": max_tokens})
+    return Ticket(i, 999, policy.route_key(req))
+
+
+def test_choose_follows_the_exact_index_and_falls_back_to_the_mirror():
+    policy, kv, (w0, w1) = _policy_with_index()
+    doc = list(range(1000, 1040))                      # 10 blocks of 4
+    kv.apply(1, 0, [(STORED, list(range(1, 11)), None, doc, BS)])   # worker 1's engine holds it
+    w0.in_flight[99] = Ticket(99, 5)                   # both busy, worker 1 more so
+    w0.outstanding, w1.outstanding = 5, 20
+    w1.in_flight[98] = Ticket(98, 20)
+    t = _ticket(policy, 1, doc + [7, 7])
+    assert t.route.cost == 1 + 42 + 8                  # exact prompt length, not the 4-character guess
+    assert policy.choose(t, [w0, w1]) is w1
+    assert t.route.predicted == 40 and t.route.predicted_exact and t.cost == 51 - 40
+    # worker 1's events stop, its engine drops the prefix: its mirror still says it holds it
+    kv.set_live(1, False)
+    policy.assigned(_placed(policy, doc, 2), 1)
+    kv.apply(1, 1, [(CLEARED,)])
+    t3 = _ticket(policy, 3, doc + [8, 8])
+    assert policy.choose(t3, [w0, w1]) is w1 and not t3.route.predicted_exact and t3.route.predicted == 40
+    kv.set_live(1, True)                               # resumed: the exact index (empty now) decides
+    t4 = _ticket(policy, 4, doc + [9, 9])
+    assert policy.choose(t4, [w0, w1]) is w0 and t4.route.predicted_exact and t4.route.predicted == 0
+
+
+def _placed(policy, ids, i):
+    t = _ticket(policy, i, ids)
+    t.route.cost = t.cost
+    return t
+
+
+def test_reported_counts_predictions_and_expects_events_for_new_blocks():
+    policy, kv, (w0, w1) = _policy_with_index()
+    t = _ticket(policy, 1, list(range(20)))
+    w = policy.choose(t, [w0, w1])
+    assert t.route.predicted == 0
+    policy.reported(t, w.index, 20, 0)                 # nothing cached: it stored 5 blocks
+    policy.reported(t, w.index, 20, 2)                 # off by less than one block
+    policy.reported(t, w.index, 20, 16)                # 16 cached, 20 // 4 = 5 blocks > 4: still new ones
+    stats = policy.worker_stats(w.index)
+    assert stats["predicted_exact"] == 3 and stats["predicted_exact_within_block"] == 2
+    assert kv.expected[w.index] == 3
+    policy.reported(t, w.index, 19, 16)                # every whole block was cached: no event due
+    assert kv.expected[w.index] == 3
+
+
+def test_without_events_the_mirror_alone_routes():
+    policy = CacheAware(events=False)
+    assert policy.wants_kv_events is False and policy.kv is None
+    req = EngineRequest(1, "x" * 2000, None, None, {"max_tokens": 8})
+    key = policy.route_key(req)
+    assert key.exact == () and key.prompt_tokens is None

@@ -373,10 +373,14 @@ class Dispatcher:
             entry = self._forget(res.id)
             if entry is None:                  # cancelled or timed out meanwhile
                 continue
-            finished(index, res.id)
+            ticket = finished(index, res.id)
             slot.requests += 1
             slot.tokens += res.completion_tokens
             slot.prompt_tokens += res.prompt_tokens
+            if res.cached_tokens is not None:     # vLLM: what its prefix cache saved
+                slot.cached_tokens += res.cached_tokens
+                if ticket is not None:
+                    self.scheduler.policy.reported(ticket, index, res.prompt_tokens, res.cached_tokens)
             if res.error_type:
                 self._fail(entry, errors.error_from_wire(res.error_type, res.error or "", res.traceback))
                 continue
@@ -518,12 +522,15 @@ class Dispatcher:
 
     def _publish_stats(self, now: float) -> None:
         loads = self.scheduler.workers
+        routing_stats = getattr(self.scheduler.policy, "worker_stats", None)   # cache_aware's predictions
         workers = []
         for s in self.slots:
             w = describe(s)
             load = loads.get(s.index)
             w["in_flight"] = len(load.in_flight) if load else 0
             w["outstanding_tokens"] = load.outstanding if load else 0
+            if routing_stats is not None:
+                w.update(routing_stats(s.index))
             workers.append(w)
         self.snapshot = {"workers": workers, "pending": len(self._pending),
                          "waiting": self.scheduler.num_waiting, "dropped_frames": self.dropped_frames}

@@ -16,8 +16,11 @@ class (for ``loads_weights``) and must stay free of CUDA.
 
 Options: every key is a ``vllm.EngineArgs`` field (gpu_memory_utilization, max_model_len,
 dtype, enforce_eager, load_format, quantization, enable_prefix_caching, max_num_seqs, seed,
-tensor_parallel_size, ...), except ``capacity``, mpdp's own: the credit this worker
-advertises (default: the scheduler's max_num_seqs plus an eighth, at least 32 more).
+tensor_parallel_size, ...), except mpdp's own: ``capacity``, the credit this worker
+advertises (default: the scheduler's max_num_seqs plus an eighth, at least 32 more), and
+``kv_events``, set by the pool for cache-aware routing: "ipc" (a local worker) or "tcp" (a
+worker on another node) turns on vLLM's KV-cache event publisher, announced in READY
+(``mpdp/core/kv_events.py``).
 ``seed`` (default 0) is offset by the worker index, so that workers do not draw the same
 random numbers (unseeded requests at temperature > 0 would otherwise repeat across workers).
 """
@@ -38,7 +41,7 @@ _SAMPLING_KEYS = frozenset({
     "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed",
     "presence_penalty", "frequency_penalty", "logprobs", "ignore_eos",
 })
-_OWN_OPTIONS = frozenset({"capacity"})
+_OWN_OPTIONS = frozenset({"capacity", "kv_events"})
 # vLLM's CompletionOutput.finish_reason strings (vllm/v1/engine/__init__.py, FINISH_REASON_STRINGS)
 # onto mpdp's. "repetition" only happens with SamplingParams.repetition_detection, never set here.
 _FINISH = {"stop": "stop", "length": "length", "abort": "abort", "repetition": "stop"}
@@ -49,6 +52,7 @@ class VLLMEngine(Engine):
 
     loads_weights = True
     uses_gpu = True
+    publishes_kv_events = True       # its KV-cache events feed cache-aware routing (core/kv_events.py)
     ready_timeout = 900.0            # weights, torch.compile and CUDA graphs
     heartbeat_timeout = 60.0         # a step can wait on a long prefill or a compile
 
@@ -58,7 +62,13 @@ class VLLMEngine(Engine):
         capacity = engine_kwargs.pop("capacity", None)
         if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1):
             raise ValueError(f"capacity must be a positive int, got {capacity!r}")
+        kv_events = engine_kwargs.pop("kv_events", None)
         engine_kwargs = _engine_kwargs(engine_kwargs, placement)
+        self.ready_extra: dict[str, Any] = {}
+        self._kv_events = None
+        if kv_events and engine_kwargs.get("enable_prefix_caching", True) is not False:
+            self._kv_events = _EventPublisher(kv_events, placement.index)
+            engine_kwargs["kv_events_config"] = self._kv_events.config()
 
         _allow_children()
         from vllm.engine.arg_utils import EngineArgs
@@ -72,6 +82,8 @@ class VLLMEngine(Engine):
         self.max_num_seqs = int(config.scheduler_config.max_num_seqs)
         cache = config.cache_config
         self.kv_cache_tokens = (cache.num_gpu_blocks or 0) * (cache.block_size or 0)  # for logs/benchmarks
+        if self._kv_events is not None:
+            self.ready_extra["kv_events"] = self._kv_events.announce(int(cache.block_size))
         # The running batch (max_num_seqs) plus room for what the dispatcher sends while results go out.
         self._capacity = capacity or self.max_num_seqs + max(32, self.max_num_seqs // 8)
         self._renderer = self._engine.renderer
@@ -153,6 +165,8 @@ class VLLMEngine(Engine):
         return bool(self._live)
 
     def close(self) -> None:
+        if getattr(self, "_kv_events", None) is not None:
+            self._kv_events.cleanup()
         engine, self._engine = getattr(self, "_engine", None), None
         if engine is None:
             return
@@ -282,6 +296,67 @@ def _engine_kwargs(options: dict[str, Any], placement: WorkerPlacement) -> dict[
 
         kwargs["compilation_config"] = CompilationConfig(mode=CompilationMode(kwargs["compilation_config"]))
     return kwargs
+
+
+class _EventPublisher:
+    """Where this engine's KV-cache events go: vLLM's ZmqEventPublisher binds them, the pool's
+    listener connects. Local: ipc in a private folder. Another node: tcp on every interface (vLLM
+    binds only an endpoint with a wildcard), announced at the node's address; the events carry
+    token ids and travel unencrypted, like vLLM's own (keep such a cluster's network private).
+    The topic names the worker and a random tag of this engine, so a restarted worker's events are
+    never taken for its predecessor's."""
+
+    def __init__(self, kind: str, index: int):
+        import secrets
+
+        from mpdp.core.kv_events import local_endpoints
+
+        if kind not in ("ipc", "tcp"):
+            raise ValueError(f"kv_events must be 'ipc' or 'tcp', not {kind!r}")
+        self.kind = kind
+        self.topic = f"mpdp-kv/{index}/{secrets.token_hex(6)}"
+        if kind == "ipc":
+            self.endpoint, self.replay = local_endpoints()
+            self.public, self.public_replay = self.endpoint, self.replay
+        else:
+            port, replay_port = _free_port(), _free_port()
+            self.endpoint, self.replay = f"tcp://*:{port}", f"tcp://*:{replay_port}"
+            host = _node_address()
+            self.public, self.public_replay = f"tcp://{host}:{port}", f"tcp://{host}:{replay_port}"
+
+    def config(self):
+        from vllm.config import KVEventsConfig
+
+        return KVEventsConfig(enable_kv_cache_events=True, publisher="zmq", endpoint=self.endpoint,
+                              replay_endpoint=self.replay, topic=self.topic)
+
+    def announce(self, block_size: int) -> dict[str, Any]:
+        return {"topic": self.topic, "endpoint": self.public, "replay_endpoint": self.public_replay,
+                "block_size": block_size}
+
+    def cleanup(self) -> None:
+        from mpdp.core.kv_events import remove_ipc_folder
+
+        remove_ipc_folder(self.endpoint)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _node_address() -> str:
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:  # noqa: BLE001  (not under Ray: the host's own address)
+        import socket
+
+        return socket.gethostbyname(socket.gethostname())
 
 
 def _allow_children() -> None:

@@ -77,12 +77,24 @@ The tree is an estimate: prompt tokens are guessed at 4 characters a token for t
 ``estimate_cost`` does), the engine may have evicted sooner or later than the mirror, and two
 different texts can tokenize to a shared prefix the character blocks do not see. A wrong guess
 costs a prefill, never a wrong answer.
+
+**The engines' own events.** Where the engine publishes its KV-cache events (vLLM), the pool
+keeps an exact index of each worker's cached blocks from them (``kv_index.py``, fed by the
+listener thread of ``core/kv_events.py``) and gives it to this policy (``use_kv_events``, with the
+model's tokenizer). ``route_key`` then also tokenizes the prompt, in the caller's thread, and keys
+its blocks in the engine's block size; ``choose`` takes ``saved(w)`` from the exact index for
+every worker whose index is live, and from the mirror for the others (a worker whose events
+stopped, or an engine without events), with the same load rule. The exact token count also
+replaces the 4-characters estimate in the ticket's cost. The mirror is kept for every worker all
+the same, so that a worker whose events stop falls back to a warm one. ``reported`` compares, per
+worker, the cached tokens the policy predicted with those the engine reported (``stats()``).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 
+from mpdp.routing.kv_index import KVIndex, block_keys, cacheable_blocks, feed_from_ready, longest_matches
 from mpdp.routing.policies import RoutingPolicy, load_key
 from mpdp.routing.tickets import Ticket, WorkerLoad
 
@@ -101,14 +113,21 @@ def _first(item):
 
 class PrefixKey:
     """What ``route_key`` leaves on a ticket: the prompt's block hashes, what a block is worth in
-    tokens, and (set at the first ``choose``) the ticket's full cost, kept for retries."""
+    tokens, and (set at the first ``choose``) the ticket's full cost, kept for retries. With the
+    engines' events: the keys of its blocks in the engine's block units (``exact``) and its
+    prompt length in tokens; ``choose`` leaves the cached tokens it predicted on the worker it
+    picked, and whether that came from the exact index."""
 
-    __slots__ = ("blocks", "block_tokens", "cost")
+    __slots__ = ("blocks", "block_tokens", "cost", "exact", "prompt_tokens", "predicted", "predicted_exact")
 
     def __init__(self, blocks: tuple[int, ...], block_tokens: int):
         self.blocks = blocks
         self.block_tokens = block_tokens
         self.cost: int | None = None
+        self.exact: tuple[int, ...] = ()
+        self.prompt_tokens: int | None = None
+        self.predicted: int | None = None
+        self.predicted_exact = False
 
     def __repr__(self) -> str:
         return f"PrefixKey({len(self.blocks)} blocks of {self.block_tokens} tokens)"
@@ -153,7 +172,8 @@ class CacheAware(RoutingPolicy):
     """
 
     def __init__(self, block_chars: int = 512, block_tokens: int = 128, band: float = 4.0,
-                 worth: float = 16.0, cache_factor: float = 1.5, default_cache_tokens: int = 262_144):
+                 worth: float = 16.0, cache_factor: float = 1.5, default_cache_tokens: int = 262_144,
+                 events: bool = True):
         if block_chars < 4 or block_tokens < 1:
             raise ValueError("block_chars must be >= 4 and block_tokens >= 1")
         if band < 0 or worth < 0 or not cache_factor > 0 or default_cache_tokens < 1:
@@ -168,6 +188,16 @@ class CacheAware(RoutingPolicy):
         self._lru: dict[int, OrderedDict[int, int]] = {}      # worker -> {block hash: tokens}, oldest first
         self._used: dict[int, int] = {}                       # worker -> tokens its blocks stand for
         self._budget: dict[int, int] = {}                     # worker -> token budget
+        # The engines' events (``use_kv_events``); ``events=False`` keeps the mirror alone.
+        self.wants_kv_events = events
+        self.kv: KVIndex | None = None
+        self.kv_block_size = 16
+        self._tokenize = None
+        self._reports: dict[int, list[int]] = {}              # worker -> counters (see reported)
+
+    def use_kv_events(self, index: KVIndex, tokenize, block_size: int) -> None:
+        """Route by ``index`` where it is live; ``tokenize(request)`` gives a prompt's token ids."""
+        self.kv, self._tokenize, self.kv_block_size = index, tokenize, block_size
 
     # -- the caller's thread: reads only the policy's (immutable) settings -----------------------
     def route_key(self, request) -> PrefixKey | None:
@@ -180,31 +210,29 @@ class CacheAware(RoutingPolicy):
             blocks, tokens = text_blocks(request.prompt, self.block_chars), self.block_chars // 4
         else:
             return None
-        return PrefixKey(blocks, tokens) if blocks else None
+        key = PrefixKey(blocks, tokens)
+        if self._tokenize is not None:
+            ids = self._tokenize(request)
+            if ids is not None:
+                size = self.kv_block_size
+                key.exact = block_keys(ids, size, cacheable_blocks(len(ids), size))
+                key.prompt_tokens = len(ids)
+                params = request.params
+                key.cost = 1 + len(ids) + params.get("max_tokens", 16) * params.get("n", 1)
+        return key if blocks or key.exact else None
 
     # -- the dispatcher thread --------------------------------------------------------------------
     def matches(self, key: PrefixKey, candidates: list[WorkerLoad]) -> dict[int, int]:
-        """Cached blocks of ``key`` on each candidate (by index), walking the blocks once for all."""
-        depth = dict.fromkeys((w.index for w in candidates), 0)
-        alive = 0
-        for w in candidates:
-            alive |= 1 << w.index
-        holders = self._holders
-        for i, h in enumerate(key.blocks):
-            held = holders.get(h, 0) & alive
-            if held != alive:
-                dropped, alive = alive & ~held, held
-                while dropped:                     # the workers whose match ends at block i
-                    low = dropped & -dropped
-                    depth[low.bit_length() - 1] = i
-                    dropped ^= low
-                if not alive:
-                    return depth
-        while alive:                               # whole prompt cached
-            low = alive & -alive
-            depth[low.bit_length() - 1] = len(key.blocks)
-            alive ^= low
-        return depth
+        """Cached blocks of ``key`` on each candidate (by index) in the mirror, walking the blocks once for all."""
+        return longest_matches(self._holders, key.blocks, [w.index for w in candidates])
+
+    def _exact_workers(self, key: PrefixKey, candidates: list[WorkerLoad]) -> list[int]:
+        """The candidates whose exact index is live, when the key has exact blocks."""
+        kv = self.kv
+        if kv is None or not key.exact:
+            return []
+        size = self.kv_block_size
+        return [w.index for w in candidates if kv.usable(w.index, size)]
 
     def choose(self, ticket: Ticket, candidates: list[WorkerLoad]) -> WorkerLoad:
         key = ticket.route
@@ -213,16 +241,26 @@ class CacheAware(RoutingPolicy):
         cost = key.cost
         if cost is None:
             cost = key.cost = ticket.cost          # the full estimate, before any discount
-        if not self._holders.get(key.blocks[0]):
-            # Cached nowhere (most fresh prompts): one lookup, then plain least loaded.
+        exact = self._exact_workers(key, candidates)
+        if ((not key.blocks or not self._holders.get(key.blocks[0]))
+                and (not exact or not self.kv.holders.get(key.exact[0]))):
+            # Cached nowhere (most fresh prompts): a lookup or two, then plain least loaded.
             ticket.cost = cost
+            key.predicted, key.predicted_exact = 0, bool(exact)
             return min(candidates, key=load_key)
-        depth = self.matches(key, candidates)
+        depth = self.matches(key, candidates) if key.blocks else dict.fromkeys((w.index for w in candidates), 0)
         bt = key.block_tokens
+        if exact:
+            exact_depth = self.kv.match(key.exact, exact)
+            size = self.kv_block_size
         scored = []
         for w in candidates:
+            if exact and w.index in exact_depth:
+                saved = exact_depth[w.index] * size
+            else:
+                saved = depth[w.index] * bt
             # saved can exceed the prompt estimate slightly (chat role markers): keep a cost >= 1.
-            saved = min(depth[w.index] * bt, cost - 1)
+            saved = min(saved, cost - 1)
             scored.append((w.outstanding + cost - saved, saved, w))
         least = min(scored, key=_first)[0]
         band, worth = self.band * least, self.worth
@@ -237,6 +275,7 @@ class CacheAware(RoutingPolicy):
                 best, best_rank = (saved, w), rank
         saved, w = best
         ticket.cost = cost - saved
+        key.predicted, key.predicted_exact = saved, w.index in exact
         return w
 
     def assigned(self, ticket: Ticket, index: int) -> None:
@@ -274,8 +313,12 @@ class CacheAware(RoutingPolicy):
         self._budget[index] = max(1, int(size * self.cache_factor))
         self._lru[index] = OrderedDict()
         self._used[index] = 0
+        if self.kv is not None:
+            self.kv.want(index, feed_from_ready(info))   # None: an engine without events
 
     def worker_removed(self, index: int) -> None:
+        if self.kv is not None:
+            self.kv.want(index, None)
         lru = self._lru.pop(index, None)
         self._used.pop(index, None)
         self._budget.pop(index, None)
@@ -288,6 +331,39 @@ class CacheAware(RoutingPolicy):
                 holders[h] = rest
             else:
                 del holders[h]
+
+    def reported(self, ticket: Ticket, index: int, prompt_tokens: int, cached_tokens: int) -> None:
+        """The engine said how much of the prompt it found cached: count it against the prediction,
+        and tell the event index when the request must have stored new blocks (stale events show)."""
+        r = self._reports.get(index)
+        if r is None:
+            r = self._reports[index] = [0] * 7       # requests, prompt, cached; exact, within; mirror, within
+        r[0] += 1
+        r[1] += prompt_tokens
+        r[2] += cached_tokens
+        key = ticket.route
+        if key.__class__ is PrefixKey and key.predicted is not None:
+            within = abs(key.predicted - cached_tokens) < self.kv_block_size
+            if key.predicted_exact:
+                r[3] += 1
+                r[4] += within
+            else:
+                r[5] += 1
+                r[6] += within
+        kv = self.kv
+        if kv is not None:
+            feed = kv.wanted.get(index)
+            if feed is not None and prompt_tokens // feed.block_size > cached_tokens // feed.block_size:
+                kv.expect(index)
+
+    def worker_stats(self, index: int) -> dict:
+        """Per worker, for ``stats()``: reuse the engine reported, and how well it was predicted."""
+        r = self._reports.get(index, [0] * 7)
+        out = {"predicted_exact": r[3], "predicted_exact_within_block": r[4],
+               "predicted_mirror": r[5], "predicted_mirror_within_block": r[6]}
+        if self.kv is not None:
+            out.update(self.kv.worker_stats(index) or {})
+        return out
 
     # -- for tests and reports --------------------------------------------------------------------
     def cached_tokens(self, index: int) -> int:

@@ -10,6 +10,8 @@ cache-aware policy mirrors each worker's prefix cache this way):
     finished(ticket, index)   the worker returned it (or it was aborted there)
     worker_added(index, info) a worker became READY; ``info`` is its READY record
     worker_removed(index)     a worker died or stopped: whatever it cached is gone
+    reported(ticket, index, prompt_tokens, cached_tokens)
+                              the engine said how many prompt tokens it found cached (vLLM only)
 
 Policies are pure code (no clocks, no I/O) and run on the dispatcher thread, except
 ``route_key``, which must therefore not touch the policy's state.
@@ -42,6 +44,9 @@ class RoutingPolicy:
         pass
 
     def worker_removed(self, index: int) -> None:
+        pass
+
+    def reported(self, ticket: Ticket, index: int, prompt_tokens: int, cached_tokens: int) -> None:
         pass
 
 

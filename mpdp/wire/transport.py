@@ -127,3 +127,24 @@ def _common_options(sock: zmq.Socket) -> None:
     sock.setsockopt(zmq.SNDHWM, 0)              # credits bound what is in flight, not HWM drops
     sock.setsockopt(zmq.RCVHWM, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_FRAME_BYTES + 4096)
+
+
+# -- an engine's KV-cache event stream (vLLM's ZmqEventPublisher: PUB for batches, ROUTER for replays)
+def connect_event_subscriber(ctx: zmq.Context) -> zmq.Socket:
+    """One SUB socket for every engine's events (it connects to each publisher as it appears).
+    No receive high-water mark: a dropped batch would cost a resync; the publishers bound it."""
+    sock = ctx.socket(zmq.SUB)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_FRAME_BYTES + 4096)
+    sock.setsockopt(zmq.SUBSCRIBE, b"")        # topics are filtered on arrival (one per incarnation)
+    return sock
+
+
+def connect_event_replay(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+    """A DEALER for one replay request to a publisher's ROUTER (one request, many replies)."""
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_FRAME_BYTES + 4096)
+    sock.connect(endpoint)
+    return sock

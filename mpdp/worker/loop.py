@@ -55,7 +55,8 @@ def worker_main(spec: WorkerSpec) -> None:
     ready = protocol.Ready(
         index=spec.index, pid=os.getpid(), capacity=engine.capacity, engine=spec.engine,
         max_model_len=engine.max_model_len, gpus=spec.gpus,
-        kv_cache_tokens=getattr(engine, "kv_cache_tokens", None), node=os.uname().nodename)
+        kv_cache_tokens=getattr(engine, "kv_cache_tokens", None), node=os.uname().nodename,
+        extra=getattr(engine, "ready_extra", None) or {})
     sock.send_multipart(protocol.encode(Tag.READY, ready.to_wire()))
     try:
         _serve(sock, engine, spec.heartbeat_interval, spec.dispatcher_timeout)
