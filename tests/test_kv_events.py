@@ -407,3 +407,23 @@ def test_without_events_the_mirror_alone_routes():
     req = EngineRequest(1, "x" * 2000, None, None, {"max_tokens": 8})
     key = policy.route_key(req)
     assert key.exact == () and key.prompt_tokens is None
+
+
+def test_metrics_carry_prefix_reuse_and_predictions():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from mpdp.server.metrics import PoolCollector
+
+    stats = {"workers": [
+        {"index": 0, "state": "ready", "prompt_tokens": 1000, "cached_tokens": 750, "prefix_hit_rate": 0.75,
+         "predicted_exact": 10, "predicted_exact_within_block": 9, "predicted_mirror": 2,
+         "predicted_mirror_within_block": 1},
+        {"index": 1, "state": "ready", "prompt_tokens": 50, "cached_tokens": None}]}   # an engine that does not say
+    registry = CollectorRegistry()
+    registry.register(PoolCollector(SimpleNamespace(stats=lambda: stats)))
+    text = generate_latest(registry).decode()
+    assert 'mpdp:prefix_cache_hits_total{worker="0"} 750.0' in text
+    assert 'mpdp:prefix_cache_queries_total{worker="0"} 1000.0' in text
+    assert 'mpdp:prefix_cache_hit_rate{worker="0"} 0.75' in text
+    assert 'mpdp:routing_prefix_predictions_within_block_total{source="exact",worker="0"} 9.0' in text
+    assert 'worker="1"} 50' not in text.split("mpdp:prefix_cache_queries")[1]

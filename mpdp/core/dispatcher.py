@@ -378,7 +378,7 @@ class Dispatcher:
             slot.tokens += res.completion_tokens
             slot.prompt_tokens += res.prompt_tokens
             if res.cached_tokens is not None:     # vLLM: what its prefix cache saved
-                slot.cached_tokens += res.cached_tokens
+                slot.cached_tokens = (slot.cached_tokens or 0) + res.cached_tokens
                 if ticket is not None:
                     self.scheduler.policy.reported(ticket, index, res.prompt_tokens, res.cached_tokens)
             if res.error_type:

@@ -124,6 +124,7 @@ class KVEventListener:
         self.stale_s = stale_s
         self.replay_timeout_s = replay_timeout_s
         self.undecodable = 0
+        self.tokenize = None
         self._follows: dict[int, _Follow] = {}
         self._by_topic: dict[bytes, int] = {}
         self._closed = threading.Event()
@@ -283,6 +284,7 @@ def attach(policy, engine_cls, model: str, options: dict, remote: bool) -> KVEve
         return None
     options["kv_events"] = "tcp" if remote else "ipc"
     listener = KVEventListener()
+    listener.tokenize = tokenize               # kept for a policy that replaces this one (bench/prefix.py)
     policy.use_kv_events(listener.index, tokenize, int(options.get("block_size") or 16))
     return listener
 

@@ -6,7 +6,9 @@ tokenizer (loaded once per pool) and the way ``mpdp/engines/vllm.py`` tokenizes 
 prompt with the special tokens (BOS) added; chat through the model's chat template with the
 generation prompt, then without special tokens (the template has them). The Rust tokenizer is
 called directly: ``PreTrainedTokenizerFast.__call__`` sets truncation and padding on the shared
-Rust object at every call, which fails ("Already borrowed") when callers' threads overlap.
+Rust object at every call, which fails ("Already borrowed") when callers' threads overlap; and
+through ``encode_batch``, which releases the GIL while it works (``encode`` holds it), so that
+callers tokenize in parallel with each other and with the dispatcher thread.
 
 A prompt this cannot tokenize (no chat template, a template error) gets None: it is routed by
 the mirror, and the engine reports its own error as ever.
@@ -46,5 +48,5 @@ class PromptTokenizer:
 
     def _encode(self, text: str, special: bool) -> list[int]:
         if self._fast is not None:
-            return self._fast.encode(text, add_special_tokens=special).ids
+            return self._fast.encode_batch([text], add_special_tokens=special)[0].ids
         return self._hf.encode(text, add_special_tokens=special)

@@ -68,7 +68,7 @@ class Slot:
     requests: int = 0
     tokens: int = 0
     prompt_tokens: int = 0
-    cached_tokens: int = 0          # of prompt_tokens, those the engine's prefix cache held (vLLM)
+    cached_tokens: int | None = None   # of prompt_tokens, those its prefix cache held (engines that say: vLLM)
     first_dispatch: float | None = None
     last_result: float | None = None
 
@@ -210,6 +210,9 @@ def describe(slot: Slot) -> dict[str, Any]:
     return {"index": slot.index, "pid": slot.pid, "alive": slot.alive, "state": slot.state.value,
             "gpus": slot.gpus, "node": slot.node, "capacity": slot.capacity,
             "requests": slot.requests, "tokens": slot.tokens, "prompt_tokens": slot.prompt_tokens,
-            "cached_tokens": slot.cached_tokens, "restarts": slot.restarts, "max_model_len": slot.max_model_len,
+            "cached_tokens": slot.cached_tokens,
+            "prefix_hit_rate": (round(slot.cached_tokens / slot.prompt_tokens, 4)
+                                if slot.cached_tokens is not None and slot.prompt_tokens else None),
+            "restarts": slot.restarts, "max_model_len": slot.max_model_len,
             "kv_cache_tokens": slot.kv_cache_tokens,
             "first_dispatch": slot.first_dispatch, "last_result": slot.last_result}

@@ -314,7 +314,10 @@ class CacheAware(RoutingPolicy):
         self._lru[index] = OrderedDict()
         self._used[index] = 0
         if self.kv is not None:
-            self.kv.want(index, feed_from_ready(info))   # None: an engine without events
+            feed = feed_from_ready(info)
+            self.kv.want(index, feed)              # None: an engine without events
+            if feed is not None:
+                self.kv_block_size = feed.block_size   # the engine's, should options not have named it
 
     def worker_removed(self, index: int) -> None:
         if self.kv is not None:

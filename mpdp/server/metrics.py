@@ -9,7 +9,8 @@ Two parts, both usable without the server::
 
 ``PoolCollector`` reports what the pool itself counts, so it covers every caller of the pool,
 not only HTTP ones: requests running per worker and waiting, prompt and generation tokens per
-worker, worker restarts and worker up. ``RequestMetrics`` holds what only the caller sees:
+worker, worker restarts and worker up, prefix-cache reuse per worker (as the engine reported it)
+and how often the cache-aware router predicted it. ``RequestMetrics`` holds what only the caller sees:
 success by finish reason, failures by kind, end-to-end latency, queue time (arrival until the
 pool took the request: time spent waiting for room, the backpressure) and time to first token
 (streamed requests: the engines say nothing to the caller before the end of the others).
@@ -55,6 +56,19 @@ class PoolCollector:
         restarts = CounterMetricFamily("mpdp:worker_restarts", "Restarts of each worker after a death.",
                                        labels=["worker"])
         up = GaugeMetricFamily("mpdp:worker_up", "1 while the worker is ready, else 0.", labels=["worker"])
+        # Prefix-cache reuse, in tokens, as vLLM's own counters (engines that report it: vLLM).
+        queries = CounterMetricFamily("mpdp:prefix_cache_queries", "Prompt tokens of the finished requests "
+                                      "whose engine reported its prefix-cache reuse.", labels=["worker"])
+        hits = CounterMetricFamily("mpdp:prefix_cache_hits", "Of those, the tokens found in the prefix cache.",
+                                   labels=["worker"])
+        hit_rate = GaugeMetricFamily("mpdp:prefix_cache_hit_rate", "prefix_cache_hits / prefix_cache_queries "
+                                     "since the pool started.", labels=["worker"])
+        predicted = CounterMetricFamily("mpdp:routing_prefix_predictions", "Requests whose cached tokens the "
+                                        "cache-aware router predicted, by the source of the prediction (exact: "
+                                        "the engine's KV events; mirror: its own guess).", labels=["worker", "source"])
+        predicted_ok = CounterMetricFamily("mpdp:routing_prefix_predictions_within_block", "Of those, the ones "
+                                           "within one KV block of what the engine reported.",
+                                           labels=["worker", "source"])
         for w in workers:
             label = [str(w["index"])]
             running.add_metric(label, w.get("in_flight", 0))
@@ -63,6 +77,15 @@ class PoolCollector:
             finished.add_metric(label, w.get("requests", 0))
             restarts.add_metric(label, w.get("restarts", 0))
             up.add_metric(label, 1 if w.get("state") == "ready" else 0)
+            if w.get("cached_tokens") is not None:
+                queries.add_metric(label, w.get("prompt_tokens", 0))
+                hits.add_metric(label, w["cached_tokens"])
+                if w.get("prefix_hit_rate") is not None:
+                    hit_rate.add_metric(label, w["prefix_hit_rate"])
+            for source in ("exact", "mirror"):
+                if f"predicted_{source}" in w:
+                    predicted.add_metric(label + [source], w[f"predicted_{source}"])
+                    predicted_ok.add_metric(label + [source], w[f"predicted_{source}_within_block"])
         extra = self.extra_waiting() if self.extra_waiting else 0
         yield running
         yield GaugeMetricFamily("mpdp:num_requests_waiting", "Requests waiting for a worker (and for room).",
@@ -74,6 +97,7 @@ class PoolCollector:
         yield finished
         yield restarts
         yield up
+        yield from (queries, hits, hit_rate, predicted, predicted_ok)
 
 
 class RequestMetrics:
