@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -233,6 +234,9 @@ class PoolConfig:
     def __post_init__(self):
         if isinstance(self.sampling, dict):
             self.sampling = SamplingParams.from_dict(self.sampling)
+        elif not isinstance(self.sampling, SamplingParams):     # None would fail far away, at first use
+            raise TypeError(f"sampling must be a dict of sampling parameters or a SamplingParams, "
+                            f"not {type(self.sampling).__name__}")
         self.validate()
 
     def validate(self) -> None:
@@ -287,6 +291,8 @@ class PoolConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PoolConfig":
+        if not isinstance(d, dict):
+            raise TypeError(f"a pool config must be a dict (a JSON object), not {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -295,4 +301,27 @@ class PoolConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "PoolConfig":
-        return cls.from_dict(json.loads(text))
+        try:
+            d = json.loads(text)
+        except RecursionError:         # json's parser recurses per level: say where, not "maximum depth"
+            raise ValueError(f"{_deep_field(text)} is nested too deeply") from None
+        return cls.from_dict(d)
+
+
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"(\s*:)?|[\[\]{}]')
+
+
+def _deep_field(text: str, limit: int = 64) -> str:
+    """The top-level field of a JSON object under which ``text`` nests deeper than ``limit``."""
+    depth, key = 0, None
+    for m in _JSON_TOKEN.finditer(text):
+        token = m.group()
+        if token in "[{":
+            depth += 1
+            if depth > limit:
+                return "the pool config" if key is None else repr(json.loads(key))
+        elif token in "]}":
+            depth -= 1
+        elif depth == 1 and m.group(1):             # a key of the top-level object
+            key = token[:m.start(1) - m.start()]
+    return "the pool config"

@@ -5,9 +5,11 @@
     serve(pool, host="127.0.0.1", port=8000)                                 # or run it here
 
 The parts: ``openai_shapes`` (request bodies to pool calls, results to OpenAI's response and
-chunk shapes, the error body), ``app`` (the routes), ``metrics`` (the Prometheus collector over
-``pool.stats()`` and the request histograms), ``lifecycle`` (uvicorn, drain on SIGTERM/SIGINT),
-``cli`` (the subcommand). This module imports nothing heavy: the command line lists the
+chunk shapes, the error body), ``app`` (the routes), ``admission`` (room in the pool for a
+request's prompts, all at once), ``body_limit`` (the body size limit, counted while reading),
+``metrics`` (the Prometheus collector over ``pool.stats()`` and the request histograms),
+``bind`` (who may reach the server), ``lifecycle`` (uvicorn, drain on SIGTERM/SIGINT), ``cli``
+(the subcommand). This module imports nothing heavy: the command line lists the
 subcommand from it, and ``mpdp`` exports ``serve``/``create_app`` lazily from here.
 """
 

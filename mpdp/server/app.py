@@ -1,9 +1,8 @@
 """The routes: ``create_app(pool, ...)`` returns a FastAPI (ASGI) app over a running ``mpdp.Pool``.
 
 One HTTP request's path: the body is parsed into pool calls (``openai_shapes.parse``); the
-request waits for room (``_Admission``: an asyncio semaphore of the pool's ``max_pending``, so a
-full pool holds requests on the event loop, never on threads, bounded by ``queue_timeout``, and
-never drops one); then ``pool.asubmit`` (or ``pool.astream`` for ``stream: true``) per prompt.
+request waits for room (``admission``: all its prompts' places of the pool's ``max_pending`` at
+once, on the event loop, bounded by ``queue_timeout``, never dropped); then ``pool.asubmit`` (or ``pool.astream`` for ``stream: true``) per prompt.
 The pool checks every value and raises ValueError/TypeError naming the field: a 400 with that
 ``param``. Streams go out as server-sent events of the engines' own deltas. A client that goes
 away cancels its pool futures, which aborts the requests inside their engines: non-streamed
@@ -32,6 +31,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from mpdp import errors
 from mpdp.server import openai_shapes as shapes
 from mpdp.server import sse
+from mpdp.server.admission import Admission
+from mpdp.server.body_limit import BodyLimit
 from mpdp.server.metrics import PoolCollector, RequestMetrics
 from mpdp.server.openai_shapes import APIError
 
@@ -86,47 +87,6 @@ class _Streams:
         self.state.end()
 
 
-class _Admission:
-    """Room for requests, on the event loop: at most the pool's ``max_pending`` taken at once."""
-
-    def __init__(self, size: int, timeout: float | None):
-        self.size, self.timeout = size, timeout
-        self.waiting = 0
-        self._room: asyncio.Semaphore | None = None
-
-    @property
-    def room(self) -> asyncio.Semaphore:
-        if self._room is None:                 # made in the serving loop, not at import
-            self._room = asyncio.Semaphore(self.size)
-        return self._room
-
-    async def take(self, k: int) -> None:
-        room, taken = self.room, 0
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
-        self.waiting += k
-        try:
-            for _ in range(k):
-                if room.locked():
-                    left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                    await asyncio.wait_for(room.acquire(), left)
-                else:
-                    await room.acquire()           # free room: returns without suspending
-                taken += 1
-        except asyncio.TimeoutError:
-            self.give(taken)
-            raise APIError(503, f"the pool stayed full for queue_timeout={self.timeout:g}s",
-                           "service_unavailable_error", None, "queue_timeout") from None
-        except BaseException:
-            self.give(taken)
-            raise
-        finally:
-            self.waiting -= k
-
-    def give(self, k: int) -> None:
-        for _ in range(k):
-            self.room.release()
-
-
 class ServerState:
     """What the routes share: the pool, names, key, metrics, admission, and the drain."""
 
@@ -136,7 +96,7 @@ class ServerState:
         self.served = served
         self.api_key = api_key
         self.request_timeout = request_timeout
-        self.admission = _Admission(pool.max_pending, queue_timeout)
+        self.admission = Admission(pool.max_pending, queue_timeout)
         self.registry = registry
         self.metrics = RequestMetrics(registry)
         registry.register(PoolCollector(pool, lambda: self.admission.waiting))
@@ -198,6 +158,7 @@ def create_app(pool, served_model_names: list[str] | str | None = None, *, api_k
     state = ServerState(pool, served, api_key, request_timeout, queue_timeout, registry or CollectorRegistry())
     app = FastAPI(title="mpdp", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.mpdp = state
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)     # a chunked upload is cut off at the limit
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):

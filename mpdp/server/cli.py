@@ -6,11 +6,11 @@ Its top level imports nothing heavy (``mpdp --help`` imports every subcommand mo
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 import sys
 
 from mpdp.cli_args import add_pool_arguments, parse_option, positive as _positive, seconds as _seconds
+from mpdp.server.bind import check_bind
 
 HELP = "serve a pool over an OpenAI-compatible HTTP API (chat, completions, streaming, /metrics)"
 EPILOG = """\
@@ -70,32 +70,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     http.add_argument("--access-log", action="store_true", help="log every HTTP request")
 
 
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False                           # a name: it may resolve to anything
-
-
 def _say(message: str) -> None:
     print(f"mpdp serve: {message}", file=sys.stderr, flush=True)
 
 
 def run(args) -> int:
-    if not _loopback(args.host):
-        if not args.api_key and not args.allow_unauthenticated:
-            print(f"mpdp serve: error: --host {args.host} is not a loopback address: give --api-key "
-                  "(or set MPDP_API_KEY), or --allow-unauthenticated to serve anyone who can reach it",
-                  file=sys.stderr)
-            return 2
-        if args.api_key:
-            _say(f"binding {args.host}: every /v1 request needs the API key")
-        else:
-            _say(f"WARNING: binding {args.host} WITHOUT an API key: anyone who can reach it can use the pool")
-    elif args.api_key:
-        _say("every /v1 request needs the API key")
+    try:
+        check_bind(args.host, args.api_key, args.allow_unauthenticated)   # refused before any worker starts
+    except ValueError as exc:
+        print(f"mpdp serve: error: {exc}", file=sys.stderr)
+        return 2
     if args.shutdown_grace < 0:
         print("mpdp serve: error: --shutdown-grace must be >= 0", file=sys.stderr)
         return 2
@@ -120,7 +104,8 @@ def run(args) -> int:
     try:
         return serve(pool, args.host, args.port, served_model_names=args.served_model_name or [args.model],
                      api_key=args.api_key, grace=args.shutdown_grace, close_pool=True, log_level=args.log_level,
-                     access_log=args.access_log, request_timeout=args.request_timeout,
+                     access_log=args.access_log, allow_unauthenticated=args.allow_unauthenticated,
+                     request_timeout=args.request_timeout,
                      queue_timeout=args.queue_timeout)
     except SystemExit as exc:                  # uvicorn could not bind the port
         pool.close(wait=False)

@@ -19,6 +19,7 @@ import threading
 import uvicorn
 
 from mpdp.server.app import create_app
+from mpdp.server.bind import check_bind
 
 FINAL_FLUSH_S = 1.0          # after the grace: time for answers already made to reach their clients
 
@@ -112,11 +113,15 @@ class _Server(uvicorn.Server):
 
 
 def serve(pool, host: str = "127.0.0.1", port: int = 8000, *, served_model_names=None, api_key: str | None = None,
-          grace: float = 30.0, close_pool: bool = False, log_level: str = "info", access_log: bool = False,
-          **app_options) -> int:
+          allow_unauthenticated: bool = False, grace: float = 30.0, close_pool: bool = False,
+          log_level: str = "info", access_log: bool = False, **app_options) -> int:
     """Serve ``pool`` over HTTP until SIGTERM/SIGINT; returns the exit code (0 after a clean stop).
-    ``close_pool``: close the pool when the server stops (the command line does). Other keywords
-    go to ``create_app``."""
+    A ``host`` other than loopback needs ``api_key`` or ``allow_unauthenticated=True`` (ValueError
+    before binding, as ``mpdp serve`` refuses it). ``close_pool``: close the pool when the server
+    stops (the command line does). Other keywords go to ``create_app``."""
+    notice = check_bind(host, api_key, allow_unauthenticated)
+    if notice:
+        _say(notice)
     app = create_app(pool, served_model_names, api_key=api_key, **app_options)
     # "auto": uvloop and httptools where installed (as vllm serve gets them), else asyncio and h11.
     # Server.run() applies the loop choice; asyncio.run(server.serve()) would always use asyncio's.
