@@ -1,4 +1,4 @@
-"""Routing policies on shared-prefix loads: least_loaded, prefix_affinity, cache_aware (issue 16).
+"""Routing policies on shared-prefix loads: least_loaded, prefix_affinity, cache_aware (issues 16, 25).
 
 One pool, every policy on fresh prompts in the same run (so the engines, their warm-up and their
 GPU are the same for all), several rounds, the policies' order rotated each round:
@@ -15,8 +15,20 @@ Workloads (``--workloads``; sizes at ``--scale 1``):
   gepa8    chat: 8 candidate programs (~2,000-token prefixes) x 64 questions: fits every cache
   random   512 prompts of ~1,000 tokens sharing no prefix
   skew     one hot ~3,000-token document takes half the requests; the other half is docqa-shaped
+  tenants  ``--tenants`` (100) tenants, each a ~``--tenant-tokens`` (6,000) context, ``--tenant-requests``
+           (480) questions, each to a tenant drawn at random with weight 1/rank^``--tenant-skew``
+           (0.6): a working set of ~2x the pool's KV caches at 20 GiB a worker for a Qwen3-8B shape
+           (2 x 145,632 tokens), whose hot part fits; the engines evict in an order a mirror cannot see
 Every request asks for ``--max-tokens`` (8) tokens with ``ignore_eos``, so generation is cheap and
-fixed. ``--threads`` (128) callers each submit one request and wait for it (a closed loop).
+fixed. ``--threads`` (128) callers each submit one request and wait for it (a closed loop);
+``--stream`` streams each request, so that the time to its first text (TTFT) is measured.
+
+**Policies.** ``--policies`` takes names with options: ``cache_aware`` routes by the engines' KV
+events where the pool has them (vLLM) and ``cache_aware:events=false`` by its mirror alone, so
+``least_loaded,cache_aware:events=false,cache_aware`` compares least loaded, the mirror and the
+event index in one run. Per run the JSON has P50/P90 latency (and TTFT with ``--stream``), the
+prompt tokens the engines reported cached (``Completion.cached_tokens``) and, from ``stats()``,
+how many of the router's predictions were within one KV block of the engine's report.
 
 Prompts are random common English words (one BPE token each, mostly, with their leading space); when
 the model folder has a ``tokenizer.json``, the words per token are measured on it so that "3,000
@@ -44,7 +56,9 @@ benchmark only; each new policy starts with an empty tree, as a fresh pool's wou
 
 ``--micro``: the dispatcher-side cost of routing, no pool: µs per ``choose`` + ``assigned`` (+ the
 ``finished`` bookkeeping) for each policy over docqa-shaped 3,000-token prompts on 2 workers, and
-the caller-thread cost of ``route_key``.
+the caller-thread cost of ``route_key``; then routing by KV events (``bench/prefix_events.py``): µs per
+event on the listener thread, per request on the dispatcher with the index live, and the
+caller's tokenization with ``--model``'s tokenizer.
 """
 
 from __future__ import annotations
@@ -68,7 +82,7 @@ from mpdp.requests import estimate_cost
 from mpdp.routing import POLICIES, Ticket, WorkerLoad
 
 POLICY_NAMES = ("least_loaded", "prefix_affinity", "cache_aware")
-WORKLOADS = ("docqa", "gepa64", "gepa8", "random", "skew")
+WORKLOADS = ("docqa", "gepa64", "gepa8", "random", "skew", "tenants")
 
 # Common English words; nearly every one is a single token (with its leading space) in BPE vocabularies.
 WORDS = """the of and to in is was for on that with as by at from his her they this are be or had an
@@ -160,6 +174,14 @@ def skew(text: Text, rng, n: int, doc_tokens: int, questions: int) -> list[dict]
     return out
 
 
+def tenants(text: Text, rng, count: int, context_tokens: int, n: int, skew: float) -> list[dict]:
+    """Many tenants with long contexts, revisited in random order, the popular ones more often."""
+    contexts = [text.words(rng, context_tokens) for _ in range(count)]
+    weights = [1 / (rank + 1) ** skew for rank in range(count)]
+    picks = rng.choices(range(count), weights=weights, k=n)
+    return [{"prompt": f"Tenant {t}:\n{contexts[t]}\n\nQuestion: {text.words(rng, 12)}?\nAnswer:"} for t in picks]
+
+
 def build(workload: str, text: Text, seed: int, scale: float, args) -> list[dict]:
     rng = random.Random(seed)
     s = lambda x, low=1: max(low, round(x * scale))   # noqa: E731
@@ -173,6 +195,9 @@ def build(workload: str, text: Text, seed: int, scale: float, args) -> list[dict
         return random_prompts(text, rng, s(args.docs * args.questions, 4), s(args.random_tokens, 16))
     if workload == "skew":
         return skew(text, rng, s(args.docs * args.questions, 4), s(args.doc_tokens, 64), args.questions)
+    if workload == "tenants":
+        return tenants(text, rng, s(args.tenants, 2), s(args.tenant_tokens, 64), s(args.tenant_requests, 4),
+                       args.tenant_skew)
     raise ValueError(f"unknown workload {workload!r}; known: {', '.join(WORKLOADS)}")
 
 
@@ -210,6 +235,10 @@ def set_routing(pool, spec: str) -> None:
         if w["alive"]:
             policy.worker_added(w["index"], {"kv_cache_tokens": w.get("kv_cache_tokens"),
                                              "max_model_len": w.get("max_model_len")})
+    events = getattr(pool, "_kv_events", None)   # the pool's event index lives on across policies
+    if events is not None and getattr(policy, "wants_kv_events", False):
+        feeds = list(events.index.wanted.values())
+        policy.use_kv_events(events.index, events.tokenize, feeds[0].block_size if feeds else 16)
     pool._policy = policy
     pool._dispatcher.scheduler.policy = policy
 
@@ -274,32 +303,43 @@ def busy_seconds(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def run_once(pool, requests: list[dict], threads: int, max_tokens: int) -> dict:
+def run_once(pool, requests: list[dict], threads: int, max_tokens: int, stream: bool = False) -> dict:
     """``threads`` callers, each submitting one request and waiting for it, until all are done."""
     it = iter(range(len(requests)))
     lock = threading.Lock()
     records: list[tuple[float, float, int, int]] = []
+    extra: list[tuple[float, int | None]] = []        # (TTFT or None, cached tokens) per request
     errors: list[str] = []
     params = {"max_tokens": max_tokens, "temperature": 0.0}
     if pool.engine == "vllm":
         params["ignore_eos"] = True
 
     def client():
-        mine = []
+        mine, mine_extra = [], []
         while True:
             with lock:
                 i = next(it, None)
             if i is None:
                 break
             t0 = time.perf_counter()
+            first = None
             try:
-                c = pool.submit(**requests[i], **params).result()
+                if stream:
+                    s = pool.stream(**requests[i], **params)
+                    for _ in s:
+                        if first is None:
+                            first = time.perf_counter() - t0
+                    c = s.result()
+                else:
+                    c = pool.submit(**requests[i], **params).result()
             except Exception as exc:  # noqa: BLE001  (counted and reported, the run goes on)
                 errors.append(f"{type(exc).__name__}: {exc}"[:200])
                 continue
             mine.append((t0, time.perf_counter(), c.worker, c.prompt_tokens))
+            mine_extra.append((first, getattr(c, "cached_tokens", None)))
         with lock:
             records.extend(mine)
+            extra.extend(mine_extra)
 
     workers = [threading.Thread(target=client) for _ in range(threads)]
     t0 = time.perf_counter()
@@ -316,9 +356,38 @@ def run_once(pool, requests: list[dict], threads: int, max_tokens: int) -> dict:
         d["intervals"].append((a, b))
     for d in per_worker.values():
         d["busy_s"] = round(busy_seconds(d.pop("intervals")), 4)
+    latencies = sorted(b - a for a, b, _, _ in records)
+    ttfts = sorted(f for f, _ in extra if f is not None)
+    reported = [c for _, c in extra if c is not None]
+    prompt = sum(pt for *_, pt in records)
     return {"requests": len(records), "errors": len(errors), "error_sample": errors[:3],
             "seconds": round(elapsed, 3), "requests_per_s": round(len(records) / elapsed, 2),
+            "latency_p50_s": _quantile(latencies, 0.5), "latency_p90_s": _quantile(latencies, 0.9),
+            "ttft_p50_s": _quantile(ttfts, 0.5), "ttft_p90_s": _quantile(ttfts, 0.9),
+            "cached_tokens": sum(reported) if reported else None, "prompt_tokens": prompt,
+            "cached_share": round(sum(reported) / prompt, 4) if reported and prompt else None,
             "workers": {str(k): v for k, v in sorted(per_worker.items())}}
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    return round(values[min(len(values) - 1, int(q * len(values)))], 4) if values else None
+
+
+PREDICTION_KEYS = ("predicted_exact", "predicted_exact_within_block", "predicted_mirror",
+                   "predicted_mirror_within_block")
+
+
+def predictions(pool) -> dict:
+    """The router's predictions of cached tokens against the engines' reports, over the run (the
+    policy is new each run, so its counters are the run's)."""
+    total = dict.fromkeys(PREDICTION_KEYS, 0)
+    for w in pool.stats()["workers"]:
+        for k in PREDICTION_KEYS:
+            total[k] += w.get(k) or 0
+    for source in ("exact", "mirror"):
+        n = total[f"predicted_{source}"]
+        total[f"{source}_within_block_share"] = round(total[f"predicted_{source}_within_block"] / n, 3) if n else None
+    return total
 
 
 def engine_options(args) -> dict:
@@ -345,7 +414,9 @@ def bench_pool(args) -> dict:
     text = Text(args.model, args.engine)
     if args.engine == "vllm":
         os.environ.setdefault("VLLM_LOG_STATS_INTERVAL", "1")   # the workers inherit it
-    kwargs = {"engine": args.engine, "engine_options": engine_options(args), "routing": "least_loaded"}
+    # cache_aware at the start: on vLLM that turns on the engines' KV events and the pool's index,
+    # which every cache_aware run then uses (set_routing swaps only the policy).
+    kwargs = {"engine": args.engine, "engine_options": engine_options(args), "routing": "cache_aware"}
     if args.model:
         kwargs["model"] = args.model
     if args.engine == "vllm":
@@ -366,7 +437,7 @@ def bench_pool(args) -> dict:
                              for w in pool.stats()["workers"]]
         paths = log_paths(pool)
         warm = random_prompts(text, random.Random(12345), 2 * args.threads, 64)
-        run_once(pool, warm, args.threads, args.max_tokens)          # compile paths, fill CUDA graphs
+        run_once(pool, warm, args.threads, args.max_tokens, args.stream)   # compile paths, fill CUDA graphs
         seed = args.seed
         for rnd in range(args.rounds):
             for workload in workloads:
@@ -379,17 +450,25 @@ def bench_pool(args) -> dict:
                     requests = build(workload, text, seed, args.scale, args)
                     set_routing(pool, policy)
                     offsets = log_sizes(paths)
-                    row = run_once(pool, requests, args.threads, args.max_tokens)
+                    row = run_once(pool, requests, args.threads, args.max_tokens, args.stream)
+                    row["predictions"] = predictions(pool)
                     time.sleep(args.settle_s)      # let the engines log the run's last stats line
                     row.update({"round": rnd, "workload": workload, "policy": policy,
                                 "engine_log": engine_log(paths, offsets)})
                     result["runs"].append(row)
                     print(f"round {rnd} {workload:7s} {policy:16s} {row['requests_per_s']:9.2f} req/s "
+                          f"p90 {row['ttft_p90_s'] or row['latency_p90_s']} s cached {row['cached_share']} "
                           f"busy {[w['busy_s'] for w in row['workers'].values()]} "
                           f"hit% {[e['prefix_cache_hit_rate_last_pct'] for e in row['engine_log'].values()]}",
                           flush=True)
                     write(args.json, summarize(result))
     return summarize(result)
+
+
+def _share(rows: list[dict], source: str) -> float | None:
+    n = sum(x["predictions"][f"predicted_{source}"] for x in rows if x.get("predictions"))
+    ok = sum(x["predictions"][f"predicted_{source}_within_block"] for x in rows if x.get("predictions"))
+    return round(ok / n, 3) if n else None
 
 
 def summarize(result: dict) -> dict:
@@ -413,8 +492,16 @@ def summarize(result: dict) -> dict:
                 for w, e in x["engine_log"].items():
                     if e["prefix_cache_hit_rate_last_pct"] is not None:
                         hits.setdefault(w, []).append(e["prefix_cache_hit_rate_last_pct"])
+            def mean_of(field, rows=rows):
+                vals = [x[field] for x in rows if x.get(field) is not None]
+                return round(statistics.fmean(vals), 4) if vals else None
+
             table[workload][policy] = {
                 "requests_per_s": round(rps, 2),
+                "latency_p90_s": mean_of("latency_p90_s"), "ttft_p90_s": mean_of("ttft_p90_s"),
+                "cached_share": mean_of("cached_share"),
+                "predictions_within_block": {
+                    s: _share(rows, s) for s in ("exact", "mirror") if _share(rows, s) is not None},
                 "rounds": [x["requests_per_s"] for x in rows],
                 "ratio_to_least_loaded": round(rps / base_rps, 3) if base_rps else None,
                 "busy_share_per_worker": {w: round(statistics.fmean(v), 3) for w, v in sorted(busy.items())},
@@ -472,6 +559,9 @@ def micro(args) -> dict:
     base = out["policies"]["least_loaded"]["dispatcher_us_per_request"]
     for name, row in out["policies"].items():
         row["ratio_to_least_loaded"] = round(row["dispatcher_us_per_request"] / base, 2)
+    from bench.prefix_events import micro_events
+
+    out["kv_events"] = micro_events(text, args.model, n, args.micro_repeats)
     for name, row in out["policies"].items():
         print(f"{name:16s} dispatcher {row['dispatcher_us_per_request']:7.2f} µs/request "
               f"({row['ratio_to_least_loaded']:.1f}x least_loaded), route_key {row['route_key_us_per_request']:7.2f} µs")
@@ -496,6 +586,10 @@ def add_workload_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--questions", type=int, default=8)
     ap.add_argument("--doc-tokens", type=int, default=3000)
     ap.add_argument("--random-tokens", type=int, default=1000)
+    ap.add_argument("--tenants", type=int, default=100)
+    ap.add_argument("--tenant-tokens", type=int, default=6000)
+    ap.add_argument("--tenant-requests", type=int, default=480)
+    ap.add_argument("--tenant-skew", type=float, default=0.6, help="tenant weights 1/rank^skew (0: uniform)")
     ap.add_argument("--scale", type=float, default=1.0, help="shrink document counts and lengths (smoke tests)")
 
 
@@ -517,6 +611,7 @@ def main(argv=None) -> int:
                     help="comma-separated; a policy's options after a colon, joined by +: prefix_affinity:slack=1000000000")
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--stream", action="store_true", help="stream each request and measure its TTFT")
     add_workload_arguments(ap)
     ap.add_argument("--settle-s", type=float, default=1.5, help="pause after each run (vLLM logs its stats each second)")
     ap.add_argument("--budget-s", type=float, default=0.0, help="stop starting runs after this many seconds (0: none)")
@@ -531,8 +626,10 @@ def main(argv=None) -> int:
     if not args.micro:
         for workload, by_policy in result["summary"].items():
             for policy, row in by_policy.items():
-                print(f"{workload:7s} {policy:16s} {row['requests_per_s']:9.2f} req/s "
-                      f"x{row['ratio_to_least_loaded']} busy {row['busy_share_per_worker']} "
+                print(f"{workload:7s} {policy:26s} {row['requests_per_s']:9.2f} req/s "
+                      f"x{row['ratio_to_least_loaded']} p90 ttft {row['ttft_p90_s']} latency {row['latency_p90_s']} "
+                      f"cached {row['cached_share']} predicted {row['predictions_within_block']} "
+                      f"busy {row['busy_share_per_worker']} "
                       f"hit% {row['vllm_prefix_cache_hit_rate_pct']}")
         print(f"vLLM hit rates: {result['vllm_hit_rate_source']}")
     return 0

@@ -21,10 +21,21 @@ def run(*args: str, out) -> dict:
     return json.loads(out.read_text())
 
 
+def test_echo_compares_the_mirror_and_the_event_index_with_ttft(tmp_path, no_child_left):
+    # echo has no KV events: cache_aware falls back to the mirror, and the run's shape is what counts
+    result = run("--engine", "echo", "--scale", "0.03", "--rounds", "1", "--threads", "8", "--settle-s", "0",
+                 "--workloads", "tenants,docqa", "--stream",
+                 "--policies", "least_loaded,cache_aware:events=false,cache_aware", out=tmp_path / "ev.json")
+    assert set(result["summary"]["tenants"]) == {"least_loaded", "cache_aware:events=false", "cache_aware"}
+    for r in result["runs"]:
+        assert r["errors"] == 0 and r["ttft_p90_s"] is not None and r["latency_p90_s"] is not None
+        assert r["cached_tokens"] is None and set(r["predictions"]) >= {"exact_within_block_share"}
+
+
 def test_echo_smoke_run_covers_every_workload_and_policy(tmp_path, no_child_left):
     result = run("--engine", "echo", "--scale", "0.03", "--rounds", "2", "--threads", "8", "--settle-s", "0",
                  out=tmp_path / "prefix.json")
-    assert set(result["summary"]) == {"docqa", "gepa64", "gepa8", "random", "skew"}
+    assert set(result["summary"]) == {"docqa", "gepa64", "gepa8", "random", "skew", "tenants"}
     for workload, by_policy in result["summary"].items():
         assert set(by_policy) == POLICIES, workload
         assert by_policy["least_loaded"]["ratio_to_least_loaded"] == 1.0
@@ -41,3 +52,6 @@ def test_micro_reports_each_policy_against_least_loaded(tmp_path):
     assert set(result["policies"]) == POLICIES
     assert result["policies"]["least_loaded"]["ratio_to_least_loaded"] == 1.0
     assert all(row["dispatcher_us_per_request"] > 0 for row in result["policies"].values())
+    events = result["kv_events"]                                  # routing by the engines' KV events
+    assert events["per_event"]["stored_apply_us"] > 0 and events["per_event"]["removed_apply_us"] > 0
+    assert events["per_request"]["dispatcher_us_per_request_with_events"] > 0
