@@ -249,6 +249,21 @@ def test_ready_reports_the_kv_cache_size(pool):
     assert pool.stats()["workers"][0]["kv_cache_tokens"] > 0
 
 
+def test_kv_events_keep_an_exact_index_and_the_engine_reports_its_reuse(pool):
+    import time
+
+    ids = _ids(300, start=3000)                           # 18 whole blocks of 16 before the last token
+    first = pool.submit(prompt_token_ids=ids, max_tokens=1, temperature=0.0).result(timeout=120)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not pool.stats()["workers"][0].get("kv_blocks"):
+        time.sleep(0.1)                                   # the BlockStored batch crosses the SUB socket
+    worker = pool.stats()["workers"][0]
+    assert worker["kv_events_live"] and worker["kv_blocks"] >= 18, worker
+    second = pool.submit(prompt_token_ids=ids, max_tokens=1, temperature=0.0).result(timeout=120)
+    assert first.cached_tokens is not None and second.cached_tokens == 288, (first, second)
+    assert pool.stats()["workers"][0]["prefix_hit_rate"] > 0
+
+
 def test_two_workers_sharing_a_gpu_start_one_after_another_and_get_alike_caches(model_dir):
     import mpdp
 
@@ -258,5 +273,13 @@ def test_two_workers_sharing_a_gpu_start_one_after_another_and_get_alike_caches(
                    worker_logs="inherit") as p:
         caches = [w["kv_cache_tokens"] for w in p.stats()["workers"]]
         texts = [c.text for c in p.generate(["a b c"] * 8, max_tokens=4, temperature=0.0)]
+        # cache_aware with the engines' events: a long shared prefix, then its questions one by one
+        doc = " ".join(["lorem ipsum dolor sit amet"] * 120)
+        p.submit(doc + " Q0?", max_tokens=1).result(timeout=120)
+        for i in range(1, 6):
+            p.submit(f"{doc} Q{i}?", max_tokens=1).result(timeout=120)
+        workers = p.stats()["workers"]
     assert len(set(texts)) == 1
+    assert all(w["kv_events_live"] for w in workers), workers
+    assert sum(w["predicted_exact"] for w in workers) >= 5, workers
     assert min(caches) > 0.5 * max(caches), caches         # not 1.87M against 38k

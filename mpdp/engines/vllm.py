@@ -325,7 +325,7 @@ class _EventPublisher:
             self.public, self.public_replay = f"tcp://{host}:{port}", f"tcp://{host}:{replay_port}"
 
     def config(self):
-        from vllm.config import KVEventsConfig
+        from vllm.config.kv_events import KVEventsConfig
 
         return KVEventsConfig(enable_kv_cache_events=True, publisher="zmq", endpoint=self.endpoint,
                               replay_endpoint=self.replay, topic=self.topic)
