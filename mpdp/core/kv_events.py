@@ -28,9 +28,6 @@ mirror for it, until a batch arrives again (in sequence, or repaired).
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -38,6 +35,7 @@ from dataclasses import dataclass
 import msgpack
 import zmq
 
+from mpdp.engines.kv_endpoints import remove_ipc_folder
 from mpdp.routing.kv_index import APPLIED, CLEARED, GAP, REMOVED, STORED, KVIndex
 from mpdp.wire.transport import connect_event_replay, connect_event_subscriber
 
@@ -46,7 +44,6 @@ log = logging.getLogger("mpdp")
 POLL_S = 0.05                   # the longest the thread waits before it looks at ``wanted`` again
 MAX_FRAMES_PER_ROUND = 1024
 END_SEQ = -1                    # vLLM's end-of-replay marker (a signed 8-byte -1)
-IPC_PREFIX = "mpdp-kv-"         # a local engine's private folder for its ipc endpoints
 
 
 # -- vLLM's event batches ----------------------------------------------------------------------------
@@ -287,19 +284,3 @@ def attach(policy, engine_cls, model: str, options: dict, remote: bool) -> KVEve
     listener.tokenize = tokenize               # kept for a policy that replaces this one (bench/prefix.py)
     policy.use_kv_events(listener.index, tokenize, int(options.get("block_size") or 16))
     return listener
-
-
-# -- where a local engine publishes ----------------------------------------------------------------
-def local_endpoints() -> tuple[str, str]:
-    """ipc endpoints in a new private (0700) folder, for a local engine's publisher and replay socket."""
-    folder = tempfile.mkdtemp(prefix=IPC_PREFIX)
-    return f"ipc://{os.path.join(folder, 'events')}", f"ipc://{os.path.join(folder, 'replay')}"
-
-
-def remove_ipc_folder(endpoint: str) -> None:
-    """Remove the private folder of a local engine's endpoints (only one made by ``local_endpoints``)."""
-    if not endpoint.startswith("ipc://"):
-        return
-    folder = os.path.dirname(endpoint[len("ipc://"):])
-    if os.path.basename(folder).startswith(IPC_PREFIX) and os.path.dirname(folder) == tempfile.gettempdir():
-        shutil.rmtree(folder, ignore_errors=True)

@@ -309,7 +309,7 @@ class _EventPublisher:
     def __init__(self, kind: str, index: int):
         import secrets
 
-        from mpdp.core.kv_events import local_endpoints
+        from mpdp.engines.kv_endpoints import local_endpoints
 
         if kind not in ("ipc", "tcp"):
             raise ValueError(f"kv_events must be 'ipc' or 'tcp', not {kind!r}")
@@ -335,7 +335,7 @@ class _EventPublisher:
                 "block_size": block_size}
 
     def cleanup(self) -> None:
-        from mpdp.core.kv_events import remove_ipc_folder
+        from mpdp.engines.kv_endpoints import remove_ipc_folder
 
         remove_ipc_folder(self.endpoint)
 
