@@ -76,7 +76,12 @@ class VLLMEngine(Engine):
         from vllm.v1.engine.llm_engine import LLMEngine
 
         args = EngineArgs(model=model, **engine_kwargs)
-        self._engine = LLMEngine.from_engine_args(args, usage_context=UsageContext.LLM_CLASS)
+        try:
+            self._engine = LLMEngine.from_engine_args(args, usage_context=UsageContext.LLM_CLASS)
+        except BaseException:
+            if self._kv_events is not None:   # no READY will announce it: nobody else removes its folder
+                self._kv_events.cleanup()
+            raise
         config = self._engine.vllm_config
         self._max_model_len = int(config.model_config.max_model_len)
         self.max_num_seqs = int(config.scheduler_config.max_num_seqs)
