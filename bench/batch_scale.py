@@ -57,8 +57,8 @@ def run_one(lines: int, workers: int, folder: str, window: int) -> dict:
         written = sum(1 for _ in f)
     if written != lines:
         raise SystemExit(f"expected {lines} output lines, found {written}")
-    # The job's own clock (from the pool being ready to the last line written): "N requests ... in Xs".
-    job = re.search(r"(\d+) requests \((\d+) failed\) in ([\d.]+)s", proc.stderr)
+    # The job's own clock (from the pool being ready to the last line written): "wrote N results ... in Xs".
+    job = re.search(r"wrote (\d+) results \((\d+) failed\) in ([\d.]+)s", proc.stderr)
     job_s = float(job.group(3)) if job else None
     os.remove(src)
     os.remove(out)

@@ -158,13 +158,13 @@ def test_writer_fsyncs_on_its_clock_and_at_close(tmp_path, monkeypatch):
     synced = []
     monkeypatch.setattr(output.os, "fsync", lambda fd: synced.append(fd))
     writer = output.DurableWriter(open(tmp_path / "o", "wb"), fsync_every=3600)
-    writer.write([({"id": 1}, 0, False)])
+    writer.write([({"id": 1}, 0, 0)])
     writer.maybe_sync()
     assert synced == []
     writer.close()
     assert len(synced) == 1
     eager = output.DurableWriter(open(tmp_path / "p", "wb"), fsync_every=1e-9)
-    eager.write([({"id": 1}, 0, False)])
+    eager.write([({"id": 1}, 0, 0)])
     assert len(synced) == 2
     eager.close()
 
@@ -195,7 +195,7 @@ def test_the_bar_counts_exactly_the_lines_in_the_file_through_a_burst(tmp_path):
     writer = output.DurableWriter(open(path, "ab"), 3600, progress.advance)
 
     def render(item, outcome):
-        return formats.result_row(item, outcome, "m"), outcome.completion_tokens, False
+        return formats.result_row(item, outcome, "m"), outcome.completion_tokens, outcome.worker
 
     window = OrderedWindow(8192, render, writer)
     try:
@@ -236,7 +236,7 @@ def test_a_pool_failure_at_the_head_keeps_what_was_rendered_before_it(tmp_path):
     def render(item, outcome):
         if isinstance(outcome, RuntimeError):
             raise outcome
-        return {"id": item.id}, 0, False
+        return {"id": item.id}, 0, 0
 
     window = OrderedWindow(10, render, writer)
     for i, value in enumerate([completion(), RuntimeError("broken"), completion()]):
@@ -250,8 +250,9 @@ def test_a_pool_failure_at_the_head_keeps_what_was_rendered_before_it(tmp_path):
 
 
 def test_worker_table_totals():
-    table = worker_table({"workers": [{"index": 0, "requests": 5, "tokens": 50, "restarts": 1},
-                                      {"index": 1, "requests": 7, "tokens": 70, "restarts": 0}]})
+    progress = Progress(20, 0, enabled=False)
+    progress.advance([({}, 10, 0)] * 5 + [({}, 10, 1)] * 7)
+    table = worker_table(progress, {"workers": [{"index": 0, "restarts": 1}, {"index": 1, "restarts": 0}]})
     last = table.splitlines()[-1].split()
-    assert table.splitlines()[0].split() == ["worker", "requests", "tokens", "restarts"]
+    assert table.splitlines()[0].split() == ["worker", "results", "tokens", "restarts"]
     assert last == ["total", "12", "120", "1"]

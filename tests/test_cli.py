@@ -40,10 +40,10 @@ def test_generate_writes_results_in_input_order_and_bad_requests_fail_alone(tmp_
     assert rows[20] == {"id": "chat", "text": "hel", "finish_reason": "length",
                         "usage": {"prompt_tokens": 5, "completion_tokens": 3}}
     assert rows[30]["id"] == "bad" and "temperature" in rows[30]["error"]
-    assert "52 requests (1 failed)" in proc.stderr
-    table = proc.stderr[proc.stderr.index("worker  requests"):].splitlines()
-    assert [row.split()[0] for row in table[1:4]] == ["0", "1", "total"]
-    assert int(table[3].split()[1]) == 52 - 1          # the bad one never reached a worker
+    assert "wrote 52 results (1 failed)" in proc.stderr
+    table = proc.stderr[proc.stderr.index("worker  results"):].splitlines()
+    assert [row.split()[0] for row in table[1:5]] == ["0", "1", "failed", "total"]
+    assert int(table[3].split()[1]) == 1 and int(table[4].split()[1]) == 52    # the table counts the file's lines
 
 
 def test_a_line_that_is_not_json_is_refused_before_anything_runs(tmp_path):

@@ -4,7 +4,8 @@ Reads the simple format (``{"id", "prompt" | "messages", ...}``) or OpenAI batch
 (``{"custom_id", "method", "url", "body"}``), writes one result a line in input order, and can
 be stopped (SIGINT, SIGTERM, even SIGKILL) and finished later with ``--resume``. The parts:
 ``formats`` (lines in and out), ``checks`` (everything found before a worker starts),
-``output`` (resume scan, torn-line repair, durable writes), ``window`` (input order),
+``files`` (the output is not the input, the output's lock, a pipe read once), ``output`` (resume
+scan, torn-line repair, durable writes that count what is on disk), ``window`` (input order),
 ``progress`` (the bar and the worker table), ``job`` (the run, signals, exit codes).
 
 This module is what the command line needs to list the subcommand: it imports nothing heavy.
@@ -29,6 +30,11 @@ stopping and resuming:
   SIGINT/SIGTERM abort what is in flight and keep what is written; --resume skips the ids the
   output already has (a torn last line is cut off) and appends the rest.
 
+files:
+  The output may not be the input (one file however named: a symlink, a hard link). A run locks
+  its output until it exits: a second run on it exits 2 naming the first. --input - (or a pipe,
+  /dev/stdin) is read once into a private temporary file, then checked and run.
+
 exit codes: 0 all done, 1 some requests failed, 2 a usage or input mistake (found before any
 worker starts), 130/143 stopped by SIGINT/SIGTERM.
 """
@@ -37,7 +43,7 @@ worker starts), 130/143 stopped by SIGINT/SIGTERM.
 def add_arguments(p: argparse.ArgumentParser) -> None:
     files = p.add_argument_group("files")
     files.add_argument("--input", required=True, metavar="FILE",
-                       help="JSONL requests, simple or OpenAI batch format (detected)")
+                       help="JSONL requests, simple or OpenAI batch format (detected); - reads standard input")
     files.add_argument("--output", required=True, metavar="FILE", help="JSONL results, one a line, in input order")
     again = files.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",

@@ -1,5 +1,9 @@
 """Running a batch job: checks, the pool, the submit/write loop, clean stops, the summary.
 
+Before anything else the job makes sure its files are safe to use (``files``): the output is not
+the input, no other run writes the output (a lock held until this run exits), and an input that
+can be read only once (a pipe) is copied so the checks and the run read the same requests.
+
 Exit codes: 0 every request succeeded; 1 some failed alone (their errors are in the output) or
 the pool itself failed; 2 a mistake found before any worker started; 128 + the signal number
 (130 SIGINT, 143 SIGTERM) when stopped. A stop never loses what was finished in order: the
@@ -8,6 +12,7 @@ written prefix is flushed and fsynced, the rest is aborted, and ``--resume`` fin
 
 from __future__ import annotations
 
+import argparse
 import signal
 import sys
 import threading
@@ -15,7 +20,7 @@ import time
 from concurrent.futures import Future
 
 from mpdp import errors
-from mpdp.batch import checks, formats, output
+from mpdp.batch import checks, files, formats, output
 from mpdp.batch.progress import Progress, worker_table
 from mpdp.batch.window import OrderedWindow
 
@@ -60,10 +65,13 @@ class PoolFailure(Exception):
 
 
 def run(args) -> int:
-    signals, plan = Signals(), None
+    signals, plan, lock, source = Signals(), None, None, None
     try:
-        plan = checks.prepare(args)
-        return _run(args, plan, signals)
+        files.refuse_same_file(args.input, args.output)
+        lock = files.lock_output(args.output)         # before the resume scan reads the output
+        source = files.readable_input(args.input)
+        plan = _prepare(args, source)
+        return _run(_reading(args, source), plan, signals)
     except checks.UsageError as exc:
         print(f"mpdp generate: error: {exc}", file=sys.stderr)
         return 2
@@ -74,6 +82,25 @@ def run(args) -> int:
         return 128 + stop.signum
     finally:
         signals.restore()
+        if source is not None:
+            source.close()
+        if lock is not None:
+            lock.release()
+
+
+def _reading(args, source: files.Input):
+    """``args`` with ``--input`` the file the job reads (a pipe's private copy)."""
+    return argparse.Namespace(**{**vars(args), "input": source.path}) if source.copied else args
+
+
+def _prepare(args, source: files.Input) -> checks.Plan:
+    try:
+        return checks.prepare(_reading(args, source))
+    except checks.UsageError as exc:
+        if not source.copied:
+            raise
+        # The checks name the file they read: say what the user gave instead of the copy's name.
+        raise checks.UsageError(str(exc).replace(source.path, source.name)) from None
 
 
 def _say(message: str) -> None:
@@ -130,21 +157,28 @@ def _write_all(args, plan: checks.Plan, pool, signals: Signals) -> int:
                 window.drain()                  # what finished before the stop, in order
             except (PoolFailure, OSError) as exc:
                 failure = exc
-        aborted = window.cancel_all()           # cancel() also aborts each request in its engine
-        writer.close()                          # flush + fsync what was written
+        aborted, dropped = window.cancel_all()  # cancel() also aborts each request in its engine
+        try:
+            writer.close()                      # fsync what was written
+        except OSError as exc:
+            failure = failure or exc
         progress.close()
     elapsed = time.monotonic() - started
-    stats = pool.stats()
+    # The summary and the table both count the rows the writer put in the file (progress is told
+    # of exactly those), so the two always agree, and agree with the file.
     written = plan.done + writer.written
     failed = progress.failures
-    _say(f"{writer.written} requests ({failed} failed) in {elapsed:.1f}s -> {args.output}; "
-         f"{writer.written / max(elapsed, 1e-9):,.1f} requests/s, "
+    _say(f"this run wrote {writer.written} results ({failed} failed) in {elapsed:.1f}s -> {args.output}; "
+         f"{writer.written / max(elapsed, 1e-9):,.1f} results/s, "
          f"{progress.tokens / max(elapsed, 1e-9):,.0f} output tokens/s")
-    print(worker_table(stats), file=sys.stderr)
+    print(worker_table(progress, pool.stats()), file=sys.stderr)
     if signals.signum is not None or failure is not None:
         why = f"stopped by {signal.Signals(signals.signum).name}" if signals.signum is not None \
             else f"error: {_first_line(failure)}"
         _say(f"{why}; {aborted} unfinished requests aborted")
+        if dropped:
+            _say(f"{dropped} finished requests not written: they came after an unfinished one "
+                 "(the output keeps input order)")
         _say(f"wrote {written} of {plan.total} results; rerun with --resume to finish")
         return 128 + signals.signum if signals.signum is not None else 1
     if written < plan.total:       # an id taken for done was not (a shared 64-bit hash, ids.py)
@@ -205,8 +239,8 @@ def _renderer(model: str):
             raise PoolFailure(_first_line(outcome))
         if isinstance(outcome, BaseException):
             message = f"{type(outcome).__name__}: {outcome}"
-            return formats.error_row(item, message, outcome), 0, True
-        return formats.result_row(item, outcome, model), outcome.completion_tokens, False
+            return formats.error_row(item, message, outcome), 0, None
+        return formats.result_row(item, outcome, model), outcome.completion_tokens, outcome.worker
     return render
 
 

@@ -9,6 +9,7 @@ job's format is an error: resume never guesses about a file it does not understa
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -17,6 +18,10 @@ from typing import BinaryIO, Callable
 
 from mpdp.batch import formats
 from mpdp.batch.ids import IdSet
+
+# One output line to write: (the line, its completion tokens, the worker that made it or None for
+# a request that failed).
+Row = tuple[dict, int, int | None]
 
 
 class ResumeError(Exception):
@@ -80,29 +85,62 @@ def open_for_append(path: str, found: Scan) -> BinaryIO:
 class DurableWriter:
     """Writes lines as they come, flushes after every batch and fsyncs every ``fsync_every`` seconds.
 
-    ``on_written(lines, tokens, failures)`` runs after the batch is flushed, so whatever it shows
-    (the progress bar) never counts a line that is not in the file yet.
+    ``written`` is always the number of complete lines this writer put in the file. Each batch goes
+    to the file descriptor directly (``os.write``, no buffer that could still hold part of it): when
+    a write fails part-way (ENOSPC, EFBIG), the complete lines that landed are counted, the torn one
+    is cut off, and the error is raised. ``on_written(rows)`` runs for exactly the rows counted, after
+    they are in the file, so whatever it shows (the progress bar) never counts a line that is not.
     """
 
     def __init__(self, f: BinaryIO, fsync_every: float = 5.0,
-                 on_written: Callable[[int, int, int], None] | None = None):
+                 on_written: Callable[[list[Row]], None] | None = None):
         self.f, self.fsync_every, self.on_written = f, fsync_every, on_written
+        f.flush()                  # what the file object holds (a repaired newline) goes first
+        self._fd = f.fileno()
+        self._end = os.lseek(self._fd, 0, os.SEEK_END)      # where the next line starts
         self.written = 0
         self._dirty = False
         self._last_sync = time.monotonic()
 
-    def write(self, rows: list[tuple[dict, int, bool]]) -> None:
-        """``rows``: (output line, completion tokens, failed) in the order they must appear."""
+    def write(self, rows: list[Row]) -> None:
+        """``rows``: (output line, completion tokens, worker or None for an error line), in file order."""
         if not rows:
             return
-        data = b"".join(json.dumps(row, ensure_ascii=False).encode("utf-8") + b"\n" for row, _, _ in rows)
-        self.f.write(data)
-        self.f.flush()
+        lines = [json.dumps(row, ensure_ascii=False).encode("utf-8") + b"\n" for row, _, _ in rows]
+        data = b"".join(lines)
+        landed = 0
+        try:
+            view = memoryview(data)
+            while landed < len(data):
+                landed += os.write(self._fd, view[landed:])
+        except OSError:
+            self._count_partial(rows, lines, landed)
+            raise
+        self._count(rows, len(data))
+        self.maybe_sync()
+
+    def _count_partial(self, rows: list[Row], lines: list[bytes], landed: int) -> None:
+        """After a failed write: count the complete lines among the ``landed`` bytes; cut the rest."""
+        n, size = 0, 0
+        while n < len(lines) and size + len(lines[n]) <= landed:
+            size += len(lines[n])
+            n += 1
+        if landed > size:
+            try:                   # a torn line: --resume would cut it too, but the file says what we say
+                os.ftruncate(self._fd, self._end + size)
+                os.lseek(self._fd, 0, os.SEEK_END)
+            except OSError:
+                pass
+        self._count(rows[:n], size)
+
+    def _count(self, rows: list[Row], size: int) -> None:
+        if not rows:
+            return
+        self._end += size
         self.written += len(rows)
         self._dirty = True
-        self.maybe_sync()
         if self.on_written is not None:
-            self.on_written(len(rows), sum(t for _, t, _ in rows), sum(1 for _, _, bad in rows if bad))
+            self.on_written(rows)
 
     def maybe_sync(self) -> None:
         """fsync when the last one is ``fsync_every`` seconds old (also called while waiting)."""
@@ -110,12 +148,17 @@ class DurableWriter:
             self.sync()
 
     def sync(self) -> None:
-        self.f.flush()
-        os.fsync(self.f.fileno())
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:     # EINVAL: not a file that can be synced (/dev/null, a pipe)
+                raise
         self._dirty = False
         self._last_sync = time.monotonic()
 
     def close(self) -> None:
         if not self.f.closed:
-            self.sync()
-            self.f.close()
+            try:
+                self.sync()
+            finally:
+                self.f.close()

@@ -17,7 +17,7 @@ from typing import Callable
 from mpdp.batch.formats import Item
 from mpdp.batch.output import DurableWriter
 
-# render(item, result or exception) -> (output line, completion tokens, failed)
+# render(item, result or exception) -> (output line, completion tokens, worker or None if it failed)
 Render = Callable[[Item, object], tuple[dict, int, bool]]
 
 
@@ -57,10 +57,12 @@ class OrderedWindow:
         if self._q:
             wait([self._q[0][1]], timeout=timeout, return_when=FIRST_COMPLETED)
 
-    def cancel_all(self) -> int:
-        """Cancel (and so abort in the engines) every request not written yet; returns how many."""
+    def cancel_all(self) -> tuple[int, int]:
+        """Cancel (and so abort in the engines) every request not written yet. Returns (requests
+        aborted, requests that had finished but wait behind an unfinished one: dropped with it)."""
         pending, self._q = self._q, deque()
-        return sum(1 for _, future in pending if future.cancel())
+        aborted = sum(1 for _, future in pending if future.cancel())
+        return aborted, len(pending) - aborted
 
 
 def _outcome(future: Future):
