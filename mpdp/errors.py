@@ -1,8 +1,16 @@
-"""The errors a caller of mpdp can see. Each keeps its cause (remote traceback, exit code, signal)."""
+"""The errors a caller of mpdp can see. Each keeps its cause (remote traceback, exit code, signal).
+
+``classify(exc)`` is the one reading of an exception for every entry point: a ``Failure``
+(kind, message, param). Each door maps the kind with a small table of its own: the OpenAI
+layer to HTTP statuses (the server, and the status codes of batch-file lines), DSPy to its
+error classes.
+"""
 
 from __future__ import annotations
 
+import re
 import signal as _signal
+from dataclasses import dataclass
 
 
 class MpdpError(Exception):
@@ -43,6 +51,16 @@ class EngineError(MpdpError, RuntimeError):
 
 class ContextWindowExceededError(MpdpError, ValueError):
     """The prompt (plus max_tokens, where the engine checks it) does not fit the model's context."""
+
+
+class InvalidRequest(MpdpError, ValueError):
+    """A request a front door refuses before the pool sees it (its shape, a field nobody knows, a
+    field mpdp does not serve). ``param`` names the field; ``kind`` is INVALID or NOT_FOUND."""
+
+    def __init__(self, message: str, param: str | None = None, kind: str | None = None):
+        super().__init__(message)
+        self.param = param
+        self.kind = kind or INVALID
 
 
 class ProtocolError(MpdpError):
@@ -88,3 +106,68 @@ def error_from_wire(name: str, message: str, traceback: str | None = None) -> Ex
     if traceback:
         exc.__cause__ = RemoteTraceback(traceback)
     return exc
+
+
+# -- one classifier --------------------------------------------------------------------------------
+INVALID = "invalid_request"      # the caller's mistake: a value, the request's shape, an unknown field
+NOT_FOUND = "not_found"          # a model this door does not serve
+CONTEXT = "context_length"       # the prompt (plus max_tokens) does not fit the model
+UNAVAILABLE = "unavailable"      # the pool is closed or broken: no request can be served
+TIMEOUT = "timeout"              # the request's own timeout passed
+ENGINE = "engine"                # the engine or its worker failed this request (ours)
+INTERNAL = "internal"            # anything else (ours)
+KINDS = (INVALID, NOT_FOUND, CONTEXT, UNAVAILABLE, TIMEOUT, ENGINE, INTERNAL)
+
+# Request fields a ValueError/TypeError message may start with ("temperature must be >= 0"),
+# reported as the failure's ``param``. Request fields only: a pool setting is not a request's.
+_REQUEST_FIELDS = frozenset({"prompt", "messages", "prompt_token_ids", "timeout", "model", "stream",
+                             "stream_options", "max_completion_tokens", "top_logprobs"})
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    kind: str                    # one of KINDS
+    message: str                 # for the user: no exception class name in front of it
+    param: str | None = None     # the request field it names, when it names one
+
+    @property
+    def ours(self) -> bool:
+        """The pool's (or the server's) fault, not the caller's."""
+        return self.kind in (ENGINE, INTERNAL, UNAVAILABLE, TIMEOUT)
+
+
+def classify(exc: BaseException, renames: dict[str, str] | None = None) -> Failure:
+    """What went wrong, once for every door. ``renames`` maps a pool field to the caller's name
+    for it (an OpenAI body's ``max_completion_tokens`` reaches the pool as ``max_tokens``)."""
+    if isinstance(exc, InvalidRequest):
+        return Failure(exc.kind, str(exc), exc.param)
+    if isinstance(exc, ContextWindowExceededError):
+        return Failure(CONTEXT, str(exc))
+    if isinstance(exc, (PoolClosed, PoolBroken)):
+        return Failure(UNAVAILABLE, f"the pool cannot take requests: {first_line(exc)}")
+    if isinstance(exc, RequestTimeout):
+        return Failure(TIMEOUT, str(exc))
+    if isinstance(exc, (ValueError, TypeError)):
+        message = str(exc)
+        return Failure(INVALID, message, param_of(message, renames))
+    if isinstance(exc, MpdpError):       # EngineError (its message names the remote error), WorkerCrashed
+        return Failure(ENGINE, first_line(exc))
+    return Failure(INTERNAL, f"{type(exc).__name__}: {first_line(exc)}")
+
+
+def param_of(message: str, renames: dict[str, str] | None = None) -> str | None:
+    """The request field a check's message names (the checks start with it: ``"n must be ..."``,
+    ``"messages[2] has no 'role'"``, ``"unknown sampling keyword 'tempreature'"``)."""
+    from mpdp.config import SAMPLING      # here: errors is imported by everything, config by less
+
+    m = (re.match(r"unknown sampling keyword '(\w+)'", message)
+         or re.match(r"the \S+ engine does not support (\w+)", message)
+         or re.match(r"([a-z_]+)(?:\[\d+\])?\b", message))
+    if m and (m.group(1) in SAMPLING or m.group(1) in _REQUEST_FIELDS):
+        return (renames or {}).get(m.group(1), m.group(1))
+    return None
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -388,10 +388,13 @@ class Pool:
 
 @dataclass(slots=True, frozen=True)
 class Delta:
-    """New text of a streamed request: one entry per choice ("" where a choice has nothing new)."""
+    """New text of a streamed request: one entry per choice ("" where a choice has nothing new),
+    and the request's token counts so far (usage on every chunk, for a server that reports it)."""
 
     texts: list[str]
     finished: bool = False
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
 
 class _StreamBase:
@@ -409,9 +412,10 @@ class _StreamBase:
                 self._sent.extend([0] * (len(res.texts) - len(self._sent)))
             for i, t in enumerate(res.texts):
                 self._sent[i] += len(t)
-            return Delta(list(res.texts))
+            return Delta(list(res.texts), False, res.prompt_tokens, res.completion_tokens)
         self._sent.extend([0] * (len(res.texts) - len(self._sent)))
-        return Delta([t[self._sent[i]:] for i, t in enumerate(res.texts)], finished=True)
+        return Delta([t[self._sent[i]:] for i, t in enumerate(res.texts)], True, res.prompt_tokens,
+                     res.completion_tokens)
 
     def result(self, timeout: float | None = None) -> Completion:
         return self.future.result(timeout)

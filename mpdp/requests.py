@@ -28,7 +28,7 @@ class Completion:
     worker: int
     choices: list[str]
     finish_reasons: list[str]
-    logprobs: list[Any] | None = None
+    logprobs: list[Any] | None = None     # per choice: one engines.logprobs record a token
     cached_tokens: int | None = None
 
 

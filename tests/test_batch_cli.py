@@ -72,16 +72,25 @@ def test_openai_batch_in_openai_batch_out_with_errors_in_place(tmp_path):
                           "body": {"prompt": f"text {i}", "max_tokens": 4}})
     lines[7]["body"]["temperature"] = -1                       # a bad value: fails alone
     lines[12]["body"]["tools"] = [{"type": "function"}]         # not served: fails alone
+    lines[15]["body"]["model"] = "NonExistModel"                # vllm run-batch's own test lines
+    lines[16]["url"] = "/bad_url"
+    lines[17]["body"]["stream"] = "True"
     src, out = tmp_path / "batch.jsonl", tmp_path / "results.jsonl"
     src.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    proc = generate(tmp_path, "--input", str(src), "--output", str(out), "--engine", "echo", "--num-workers", "2")
-    assert proc.returncode == 1, proc.stderr                   # two requests failed
+    proc = generate(tmp_path, "--input", str(src), "--output", str(out), "--engine", "echo", "--num-workers", "2",
+                    "--model", "my-model")
+    assert proc.returncode == 1, proc.stderr                   # five requests failed, each alone
+    assert "5 requests will fail alone" in proc.stderr and "line 8: temperature must be >= 0" in proc.stderr
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["custom_id"] for r in rows] == [f"c{i}" for i in range(30)]
     assert len({r["id"] for r in rows}) == 30
+    failed = {7: (400, "temperature"), 12: (400, "tools"), 15: (404, "model"), 16: (400, "url"), 17: (400, "stream")}
     for i, row in enumerate(rows):
-        if i in (7, 12):
-            assert row["response"]["status_code"] == 400 and row["error"]["message"]
+        if i in failed:       # vllm run-batch's output model: body null, the error at the top level
+            status, param = failed[i]
+            assert row["response"]["status_code"] == status and row["response"]["body"] is None
+            assert row["error"]["param"] == param and row["error"]["message"]
+            assert not row["error"]["message"].startswith(("ValueError", "TypeError"))
             continue
         assert row["error"] is None and row["response"]["status_code"] == 200
         body = row["response"]["body"]
@@ -94,7 +103,30 @@ def test_openai_batch_in_openai_batch_out_with_errors_in_place(tmp_path):
             assert body["choices"][0]["finish_reason"] == "length"
         assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
     assert "temperature" in rows[7]["error"]["message"] and "tools" in rows[12]["error"]["message"]
-    assert "2 failed" in proc.stderr
+    assert "5 failed" in proc.stderr
+
+
+def test_lines_that_all_fail_alone_need_no_worker(tmp_path):
+    src, out = tmp_path / "bad.jsonl", tmp_path / "out.jsonl"
+    src.write_text(json.dumps({"id": "a", "prompt": "x", "temperature": -1}) + "\n"
+                   + json.dumps({"id": "b", "prompt": "x", "max_tokens": "ten"}) + "\n")
+    proc = generate(tmp_path, "--input", str(src), "--output", str(out), "--engine", "hf", "--num-workers", "1")
+    assert proc.returncode == 1 and "workers ready" not in proc.stderr, proc.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["id"], r["param"]) for r in rows] == [("a", "temperature"), ("b", "max_tokens")]
+    assert rows[1]["error"] == "max_tokens must be an int, not str"
+
+
+def test_an_openai_line_without_custom_id_is_named_before_any_worker(tmp_path):
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    src.write_text(json.dumps({"invalid_field": "request-1", "method": "POST", "url": "/v1/chat/completions",
+                               "body": body}) + "\n"
+                   + json.dumps({"custom_id": "request-2", "method": "POST", "url": "/v1/chat/completions",
+                                 "body": body}) + "\n")
+    proc = generate(tmp_path, "--input", str(src), "--output", str(out), "--engine", "hf", "--num-workers", "1")
+    assert proc.returncode == 2, proc.stderr
+    assert "line 1 has no custom_id" in proc.stderr and "bad lines" not in proc.stderr
 
 
 # -- checks before the pool ------------------------------------------------------------------------------

@@ -32,28 +32,68 @@ def test_format_is_detected_from_the_line():
     assert formats.detect({"id": 1, "prompt": "x"}) == formats.SIMPLE
 
 
+RULES = formats.Rules(("m",), "echo", None)
+
+
+def parse(obj, lineno=1, fmt=formats.OPENAI):
+    return formats.parse(obj, lineno, fmt, RULES)
+
+
 def test_simple_lines_split_request_fields_from_carried_ones():
-    item = formats.parse({"id": "q1", "prompt": "x", "max_tokens": 4, "answer": "42", "metadata": {"a": 1}},
-                         3, formats.SIMPLE)
-    assert (item.id, item.request, item.carry) == ("q1", {"prompt": "x", "max_tokens": 4},
-                                                   {"answer": "42", "metadata": {"a": 1}})
-    assert formats.parse({"prompt": "x"}, 9, formats.SIMPLE).id == 9           # no id: the line number
+    item = parse({"id": "q1", "prompt": "x", "max_tokens": 4, "answer": "42", "metadata": {"a": 1}},
+                 3, formats.SIMPLE)
+    assert item.calls == [{"prompt": "x", "max_tokens": 4}]
+    assert item.carry == {"answer": "42", "metadata": {"a": 1}} and item.id == "q1"
+    assert parse({"prompt": "x"}, 9, formats.SIMPLE).id == 9           # no id: the line number
 
 
 @pytest.mark.parametrize("obj, fmt, words", [
-    ({"id": "a"}, formats.SIMPLE, "none of prompt"),
     ({"id": True, "prompt": "x"}, formats.SIMPLE, "id must be"),
     (chat_line("a"), formats.SIMPLE, "one file holds one format"),
-    ({"id": "a", "prompt": "x"}, formats.OPENAI, "custom_id must be"),
-    ({**chat_line("a"), "method": "GET"}, formats.OPENAI, "method must be POST"),
-    ({**chat_line("a"), "url": "/v1/embeddings"}, formats.OPENAI, "url must be"),
-    ({"custom_id": "a", "method": "POST", "url": formats.CHAT_URL, "body": {"prompt": "x"}}, formats.OPENAI,
-     "needs 'messages'"),
-    ({"custom_id": "a", "url": formats.COMPLETIONS_URL, "body": "x"}, formats.OPENAI, "body must be"),
+    ({"id": "a", "prompt": "x"}, formats.OPENAI, "has no custom_id"),
+    ({**chat_line("a"), "custom_id": 7}, formats.OPENAI, "custom_id must be a non-empty string"),
 ])
-def test_lines_that_are_not_requests_are_format_errors(obj, fmt, words):
+def test_lines_that_are_not_lines_of_the_format_are_format_errors(obj, fmt, words):
     with pytest.raises(formats.FormatError, match=words):
-        formats.parse(obj, 5, fmt)
+        parse(obj, 5, fmt)
+
+
+def test_a_first_line_without_custom_id_is_refused_for_that():
+    line = chat_line("a")
+    del line["custom_id"]
+    assert formats.detect(line) == formats.OPENAI
+    with pytest.raises(formats.FormatError, match="line 1 has no custom_id"):
+        parse(line)
+
+
+@pytest.mark.parametrize("obj, fmt, param, words", [
+    ({"id": "a"}, formats.SIMPLE, "prompt", "none of prompt"),
+    ({"id": "a", "prompt": "x", "temperature": -1}, formats.SIMPLE, "temperature", "temperature must be >= 0"),
+    ({"id": "a", "prompt": "x", "max_tokens": "ten"}, formats.SIMPLE, "max_tokens", "max_tokens must be an int"),
+    ({**chat_line("a"), "method": "GET"}, formats.OPENAI, "method", "method must be POST"),
+    ({**chat_line("a"), "url": "/bad_url"}, formats.OPENAI, "url", "url '/bad_url' is not served"),
+    ({"custom_id": "a", "method": "POST", "url": formats.CHAT_URL, "body": {"prompt": "x"}}, formats.OPENAI,
+     "messages", "messages is required"),
+    ({"custom_id": "a", "url": formats.COMPLETIONS_URL, "body": "x"}, formats.OPENAI, None, "must be a JSON object"),
+    (chat_line("a", temperature=-1), formats.OPENAI, "temperature", "temperature must be >= 0"),
+    (chat_line("a", max_completion_tokens="ten"), formats.OPENAI, "max_completion_tokens", "must be an int"),
+    (chat_line("a", tempreature=0), formats.OPENAI, "tempreature", "unknown field 'tempreature'"),
+    (chat_line("a", model="other"), formats.OPENAI, "model", "The model `other` does not exist"),
+    (chat_line("a", stream=True), formats.OPENAI, "stream", "a batch file cannot stream"),
+    (chat_line("a", tools=[{"type": "function"}]), formats.OPENAI, "tools", "not supported"),
+    (chat_line("a", messages=[{"content": "no role"}]), formats.OPENAI, "messages", "has no 'role'"),
+])
+def test_a_line_the_server_would_refuse_fails_alone_naming_the_field(obj, fmt, param, words):
+    item = parse(obj, 1, fmt)
+    assert item.calls is None and words in str(item.error)
+    row = formats.error_row(item, item.error)
+    if fmt == formats.SIMPLE:
+        assert row["error"] == str(item.error) and row.get("param") == param
+        return
+    status = 404 if param == "model" else 400
+    assert row["response"] == {"status_code": status, "request_id": row["response"]["request_id"], "body": None}
+    assert row["error"]["param"] == param and words in row["error"]["message"]
+    assert not row["error"]["message"].startswith(("ValueError", "TypeError", "InvalidRequest"))
 
 
 def test_decode_names_the_line_of_bad_json():
@@ -61,55 +101,52 @@ def test_decode_names_the_line_of_bad_json():
         formats.decode(b"{oops\n", 4)
     with pytest.raises(formats.FormatError, match="line 2 is a JSON list"):
         formats.decode("[1]", 2)
+    with pytest.raises(formats.FormatError, match="line 3 is JSON nested too deeply"):
+        formats.decode("[" * 100_000 + "]" * 100_000, 3)
 
 
 def test_openai_bodies_map_onto_sampling_keywords():
-    item = formats.parse({**chat_line("a", model="m", max_completion_tokens=7, temperature=0.5, stream=False,
-                                      user="u"), "metadata": {"k": 1}}, 1, formats.OPENAI)
-    assert item.request == {"messages": [{"role": "user", "content": "q"}], "max_tokens": 7, "temperature": 0.5}
-    assert (item.kind, item.model, item.carry, item.error) == ("chat", "m", {"metadata": {"k": 1}}, None)
-    ids = formats.parse({"custom_id": "b", "url": formats.COMPLETIONS_URL, "body": {"prompt": [1, 2]}}, 1,
-                        formats.OPENAI)
-    assert ids.request == {"prompt_token_ids": [1, 2]} and ids.kind == "completion"
-    one = formats.parse({"custom_id": "c", "url": formats.COMPLETIONS_URL, "body": {"prompt": ["x"]}}, 1,
-                        formats.OPENAI)
-    assert one.request == {"prompt": "x"}
-
-
-def test_what_mpdp_does_not_serve_fails_that_request_alone():
-    item = formats.parse(chat_line("a", tools=[{"type": "function"}], stream=True), 1, formats.OPENAI)
-    assert item.request is None and item.error == "unsupported body field(s): stream, tools"
-    many = formats.parse({"custom_id": "b", "url": formats.COMPLETIONS_URL, "body": {"prompt": ["x", "y"]}}, 1,
-                         formats.OPENAI)
-    assert many.request is None and "one prompt a line" in many.error
+    item = parse({**chat_line("a", model="m", max_completion_tokens=7, max_tokens=3, temperature=0.5,
+                              stream=False, user="u", logprobs=True), "metadata": {"k": 1}})
+    assert item.calls == [{"messages": [{"role": "user", "content": "q"}], "max_tokens": 7, "temperature": 0.5,
+                           "logprobs": 0}]
+    assert (item.kind, item.parsed.model, item.carry, item.error) == ("chat", "m", {"metadata": {"k": 1}}, None)
+    ids = parse({"custom_id": "b", "url": formats.COMPLETIONS_URL, "body": {"prompt": [1, 2]}})
+    assert ids.calls == [{"prompt_token_ids": [1, 2]}] and ids.kind == "completion"
+    many = parse({"custom_id": "c", "url": formats.COMPLETIONS_URL, "body": {"prompt": ["x", "y"]}})
+    assert many.calls == [{"prompt": "x"}, {"prompt": "y"}]
 
 
 def test_openai_output_rows_have_the_batch_output_shape():
-    chat = formats.parse({**chat_line("a"), "answer": "42"}, 1, formats.OPENAI)
-    row = formats.result_row(chat, completion("hey", n=2), "the-model")
+    chat = parse({**chat_line("a"), "answer": "42"})
+    row = formats.result_row(chat, [completion("hey", n=2)])
     assert row["custom_id"] == "a" and row["error"] is None and row["answer"] == "42"
     assert row["id"].startswith("batch_req_") and row["response"]["status_code"] == 200
     body = row["response"]["body"]
-    assert body["object"] == "chat.completion" and body["model"] == "the-model"
+    assert body["object"] == "chat.completion" and body["model"] == "m"
     assert [c["message"]["content"] for c in body["choices"]] == ["hey", "hey"]
     assert [c["index"] for c in body["choices"]] == [0, 1]
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 6, "total_tokens": 9}
-    text = formats.parse({"custom_id": "b", "url": formats.COMPLETIONS_URL, "body": {"prompt": "p", "model": "m"}},
-                         1, formats.OPENAI)
-    tbody = formats.result_row(text, completion("out"), "x")["response"]["body"]
-    assert tbody["object"] == "text_completion" and tbody["choices"][0]["text"] == "out" and tbody["model"] == "m"
+    text = parse({"custom_id": "b", "url": formats.COMPLETIONS_URL, "body": {"prompt": ["p", "q"], "model": "m"}})
+    tbody = formats.result_row(text, [completion("out"), completion("two", reason="length")])["response"]["body"]
+    assert tbody["object"] == "text_completion" and tbody["model"] == "m"
+    assert [(c["index"], c["text"], c["finish_reason"]) for c in tbody["choices"]] == [
+        (0, "out", "stop"), (1, "two", "length")]
 
 
 def test_openai_error_rows_say_whose_fault_it_was():
-    item = formats.parse(chat_line("a"), 1, formats.OPENAI)
-    bad = formats.error_row(item, "ValueError: no", ValueError("no"))
-    assert bad["response"]["status_code"] == 400 and bad["error"]["message"] == "ValueError: no"
-    assert bad["response"]["body"]["error"]["message"] == "ValueError: no"
-    ours = formats.error_row(item, "EngineError: boom", RuntimeError("boom"))
-    assert ours["response"]["status_code"] == 500 and ours["error"]["code"] == "server_error"
+    from mpdp import errors
+
+    item = parse(chat_line("a"))
+    bad = formats.error_row(item, ValueError("temperature must be >= 0, got -1.0"))
+    assert bad["response"]["status_code"] == 400 and bad["response"]["body"] is None
+    assert bad["error"] == {"message": "temperature must be >= 0, got -1.0", "type": "invalid_request_error",
+                            "param": "temperature", "code": None}
+    ours = formats.error_row(item, errors.EngineError("RuntimeError: boom"))
+    assert ours["response"]["status_code"] == 500 and ours["error"]["type"] == "server_error"
+    assert ours["error"]["message"] == "RuntimeError: boom"
 
 
-# -- ids ---------------------------------------------------------------------------------------------
 def test_id_set_finds_repeats_and_members():
     s = IdSet()
     for item_id in ["a", "b", 3, "a", "3"]:
@@ -195,7 +232,7 @@ def test_the_bar_counts_exactly_the_lines_in_the_file_through_a_burst(tmp_path):
     writer = output.DurableWriter(open(path, "ab"), 3600, progress.advance)
 
     def render(item, outcome):
-        return formats.result_row(item, outcome, "m"), outcome.completion_tokens, outcome.worker
+        return formats.result_row(item, [outcome]), outcome.completion_tokens, outcome.worker
 
     window = OrderedWindow(8192, render, writer)
     try:

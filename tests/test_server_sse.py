@@ -1,5 +1,5 @@
 """The streamed response's events (``mpdp/server/sse.py``): content chunks made from templates
-are the chunks ``openai_shapes.chunk`` describes, and deltas that waited for a busy server are
+are the chunks ``openai_api.response.chunk`` describes, and deltas that waited for a busy server are
 joined into fewer chunks whose text is the same."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import json
 import pytest
 
 from mpdp.pool import Delta
-from mpdp.server import openai_shapes as shapes
+from mpdp.openai_api import request as parsing
+from mpdp.openai_api import response as shapes
 from mpdp.server import sse
 from mpdp.server.app import create_app
 
@@ -18,9 +19,9 @@ pytestmark = pytest.mark.timeout(120)
 TEXTS = ["plain", "", 'quote " and \\ slash', "new\nline\ttab", "ünïcödé ✓ 🚀", "\x00\x1f control"]
 
 
-@pytest.mark.parametrize("kind", [shapes.CHAT, shapes.COMPLETION])
+@pytest.mark.parametrize("kind", [parsing.CHAT, parsing.COMPLETION])
 def test_template_events_are_the_chunks_themselves(kind):
-    p = shapes.Parsed(kind, 'a "quoted" model ✓', [{}], {"n": 2})
+    p = parsing.Parsed(kind, 'a "quoted" model ✓', [{}], {"n": 2})
     events = sse.TextEvents(p, shapes.new_id(kind), 1_700_000_000)
     for index in (0, 1, 7):
         for text in TEXTS:
@@ -48,7 +49,7 @@ class FakeStream:
 
 
 async def collect(streams) -> list:
-    return [b async for b in sse.batches(streams)]
+    return [b[:3] async for b in sse.batches(streams)]     # (i, texts, finished)
 
 
 def test_waiting_deltas_are_joined_per_choice():
@@ -69,7 +70,7 @@ def test_text_read_before_a_failure_is_given_out_then_the_error_raised():
 
     async def main():
         async for b in sse.batches([stream]):
-            got.append(b)
+            got.append(b[:3])
 
     with pytest.raises(RuntimeError, match="the worker died"):
         asyncio.run(main())

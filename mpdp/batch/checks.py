@@ -4,8 +4,11 @@ Model loading takes minutes on GPUs; a typo in a path, an output that would be o
 or a broken line 90,000 of the input must not wait for it. ``prepare`` checks, in this order:
 the flags' values, the input can be read, the output folder can be written and an existing
 output is resumed or overwritten only when asked, the model resolves, and every input line
-is a request of the file's format with a unique id (one streaming pass: memory is 8 bytes an
-id, see ``ids.py``). It returns the plan the job runs.
+is a line of the file's format with a unique id (one streaming pass: memory is 8 bytes an
+id, see ``ids.py``). The same pass reads every request as the job will (the server's own
+parser and checks, ``formats.parse``): a line that fails alone (a bad url, a temperature of
+-1, a model not served) is counted and named here, before any worker starts, and answered
+in its place without one. It returns the plan the job runs.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
+from mpdp import errors
 from mpdp.batch import formats, output
 from mpdp.batch.ids import IdSet
 from mpdp.cli_args import parse_option
@@ -33,6 +37,8 @@ class Plan:
     model: str                          # resolved (a local folder for engines with weights)
     engine_options: dict[str, Any]
     sampling: dict[str, Any]
+    rules: formats.Rules | None = None   # what each line is checked against
+    invalid: int = 0                     # lines still to do that fail alone, without a worker
     previous: output.Scan | None = None  # the existing output being resumed (None: start afresh)
     notes: list[str] = field(default_factory=list)
 
@@ -54,8 +60,12 @@ def prepare(args) -> Plan:
             previous = output.scan(args.output, fmt)
         except output.ResumeError as exc:
             raise UsageError(str(exc)) from None
-    total, done = _check_lines(args.input, fmt, previous.ids if previous else None)
-    plan = Plan(fmt, total, done, engine, model, options, sampling, previous)
+    rules = _rules(args.model, engine)
+    total, done, invalid, first = _check_lines(args.input, fmt, rules, previous.ids if previous else None)
+    plan = Plan(fmt, total, done, engine, model, options, sampling, rules, invalid, previous)
+    if invalid:
+        plan.notes.append(f"{invalid} request{'s' if invalid > 1 else ''} will fail alone, an error in "
+                          f"{'their' if invalid > 1 else 'its'} place ({first})")
     if previous is not None and previous.torn_bytes:
         plan.notes.append(f"cutting a torn last line ({previous.torn_bytes} bytes) off {args.output}")
     if previous is not None:
@@ -125,6 +135,12 @@ def _resolve(engine: str | None, model: str, options: dict) -> tuple[str, str]:
         raise UsageError(f"--model {model}: {exc}") from None
 
 
+def _rules(model: str, engine: str) -> formats.Rules:
+    from mpdp.engines import engine_class
+
+    return formats.Rules((model,), engine, engine_class(engine).sampling_fields)
+
+
 def _first_format(path: str) -> str:
     try:
         for lineno, obj in formats.read_objects(path):
@@ -134,37 +150,42 @@ def _first_format(path: str) -> str:
     raise UsageError(f"--input {path} holds no requests")
 
 
-def _check_lines(path: str, fmt: str, done: IdSet | None) -> tuple[int, int]:
-    """(requests, of them already done); UsageError for a bad line or a repeated id."""
-    keys, total, already = IdSet(), 0, 0
+def _check_lines(path: str, fmt: str, rules: formats.Rules, done: IdSet | None) -> tuple[int, int, int, str]:
+    """(requests, of them already done, of those to do the ones that fail alone, the first of
+    them); UsageError for a line that is not one of the format, or a repeated id."""
+    keys, total, already, invalid, first_invalid = IdSet(), 0, 0, 0, ""
     first_error, bad = None, 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
             try:
-                item = formats.parse(formats.decode(raw, lineno), lineno, fmt)
+                item = formats.parse(formats.decode(raw, lineno), lineno, fmt, rules)
             except formats.FormatError as exc:
                 first_error, bad = first_error or str(exc), bad + 1
                 continue
             key = formats.id_key(item.id)
             keys.add(key)
             total += 1
-            already += done is not None and key in done
+            is_done = done is not None and key in done
+            already += is_done
+            if item.error is not None and not is_done:
+                invalid += 1
+                first_invalid = first_invalid or f"line {lineno}: {errors.first_line(item.error)}"
     if bad:
         more = f" ({bad} bad lines in all; the first is shown)" if bad > 1 else ""
         raise UsageError(f"--input {path}: {first_error}{more}")
     repeated = keys.freeze()
     if repeated:
-        _confirm_duplicates(path, fmt, repeated)
-    return total, already
+        _confirm_duplicates(path, fmt, rules, repeated)
+    return total, already, invalid, first_invalid
 
 
-def _confirm_duplicates(path: str, fmt: str, repeated: set[int]) -> None:
+def _confirm_duplicates(path: str, fmt: str, rules: formats.Rules, repeated: set[int]) -> None:
     """The hashes say some ids repeat: find the real ids (a hash collision is not a duplicate)."""
     seen: dict[Any, int] = {}
     for lineno, obj in formats.read_objects(path):
-        item = formats.parse(obj, lineno, fmt)
+        item = formats.parse(obj, lineno, fmt, rules)
         if formats.id_key(item.id) not in repeated:
             continue
         real = (type(item.id), item.id)

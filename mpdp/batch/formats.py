@@ -1,18 +1,25 @@
 """The two line formats of ``mpdp generate``: detecting them, reading a line, writing a result.
 
 - **simple**: ``{"id", "prompt" | "messages" | "prompt_token_ids", <sampling fields>...}``;
-  the output line is ``{"id", "text", "finish_reason", "usage"}`` (or ``{"id", "error"}``).
+  the output line is ``{"id", "text", "finish_reason", "usage"}`` (or ``{"id", "error", "param"}``).
 - **openai**: the OpenAI batch line ``{"custom_id", "method": "POST", "url", "body"}`` with
-  ``url`` ``/v1/chat/completions`` or ``/v1/completions``; the output line is OpenAI's batch
-  output ``{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}``
-  with a ``chat.completion`` / ``text_completion`` body, as ``vllm run-batch`` writes it.
+  ``url`` ``/v1/chat/completions`` or ``/v1/completions``; the output line is the batch output
+  ``{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}`` that
+  ``vllm run-batch`` writes (and its output model accepts). The body is read by the same
+  parser as ``mpdp serve``'s (``openai_api.request``), with the same verdicts, and the
+  response body built by the same code; a batch file differs only in what it cannot do:
+  stream (``stream: true`` fails its line, saying so). A failed line has ``response.body:
+  null``, the status the server would answer in ``response.status_code``, and OpenAI's error
+  object ``{"message", "type", "param", "code"}`` in ``error``.
 
-A file has one format, taken from its first line. What a line must have to be a request at all
-(a JSON object, an id, a prompt or messages, a known url) is its *format*: a line without it
-raises :class:`FormatError`, and the job refuses the file before any worker starts. What only
-the request's values can get wrong (a negative temperature, an empty prompt, a field mpdp does
-not serve) fails that line alone, with an error written in its place. Fields the job does not
-use (``metadata``, an ``answer`` to grade against) are carried through to the output line.
+A file has one format, taken from its first line. What a line must have to be a line of the
+file at all (a JSON object, an id) is its *format*: a line without it raises
+:class:`FormatError`, and the job refuses the file before any worker starts (results are
+written and resumed by id). Everything else wrong with a line (a bad ``url`` or ``method``,
+a body the server would refuse, a sampling value out of range, a model not served) fails that
+line alone, in its place, as ``vllm run-batch`` does; it is found when the line is read, so
+the job's pre-flight pass finds and counts it before any worker starts. Fields the job does
+not use (``metadata``, an ``answer`` to grade against) are carried through to the output line.
 """
 
 from __future__ import annotations
@@ -23,41 +30,55 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from mpdp.config import SAMPLING
+from mpdp import errors
+from mpdp.config import SAMPLING, check_sampling
+from mpdp.openai_api import request as parsing
+from mpdp.openai_api import response as shapes
+from mpdp.requests import build_request
 
 SIMPLE, OPENAI = "simple", "openai"
 CHAT_URL, COMPLETIONS_URL = "/v1/chat/completions", "/v1/completions"
-URLS = (CHAT_URL, COMPLETIONS_URL)
+URLS = {CHAT_URL: parsing.CHAT, COMPLETIONS_URL: parsing.COMPLETION}
 _PROMPT_KEYS = ("prompt", "messages", "prompt_token_ids")
 # Per-request keys of the simple format; every other key is carried to the output line.
 _SIMPLE_KEYS = frozenset(SAMPLING) | frozenset(_PROMPT_KEYS) | {"timeout"}
-# OpenAI body fields that map one to one onto mpdp's sampling keywords (vLLM's names).
-_BODY_SAMPLING = frozenset(SAMPLING) - {"logprobs"}
-# Body fields that change nothing for a batch job; every other unknown field with a truthy value
-# fails the request, so a request that asks for tools is never answered as if it had not.
-_BODY_IGNORED = frozenset({"model", "user", "store", "metadata", "stream_options", "service_tier"})
+_OPENAI_KEYS = ("custom_id", "method", "url", "body")
 
 
 class FormatError(ValueError):
-    """A line that is not a request of the file's format (the job refuses the file up front)."""
+    """A line that is not a line of the file's format (the job refuses the file up front)."""
+
+
+@dataclass(slots=True, frozen=True)
+class Rules:
+    """What a line is checked against before any worker starts: the model names the job answers
+    to (an OpenAI body's ``model``; the first is the default), and its engine and the sampling
+    fields that engine serves (None: not checked)."""
+
+    served: tuple[str, ...]
+    engine: str = ""
+    sampling_fields: frozenset[str] | None = None
 
 
 @dataclass(slots=True)
 class Item:
-    """One input line, read. ``request`` holds ``Pool.submit`` keywords; ``error`` (instead) says
-    why the request fails alone; ``carry`` is copied onto the output line."""
+    """One input line, read. ``calls`` holds the ``Pool.submit`` keywords of its pool requests
+    (one, or one per prompt of a completions ``prompt`` list); ``error`` (instead) is why the
+    line fails alone; ``carry`` is copied onto the output line."""
 
     id: str | int
-    kind: str                      # "simple", "chat" or "completion"
-    request: dict[str, Any] | None
-    error: str | None = None
+    kind: str                      # "simple", "chat" or "completion" ("openai" when the url is bad)
+    calls: list[dict[str, Any]] | None
+    error: Exception | None = None
     carry: dict[str, Any] = field(default_factory=dict)
-    model: str | None = None       # the body's "model" (openai), echoed in the response body
+    parsed: parsing.Parsed | None = None    # an OpenAI line's body, read
 
 
 def detect(obj: Any) -> str:
-    """The format of a file, from its first line (already JSON-decoded)."""
-    return OPENAI if isinstance(obj, dict) and "custom_id" in obj else SIMPLE
+    """The format of a file, from its first line (already JSON-decoded): an OpenAI batch line
+    has its batch keys (a line that lacks only its ``custom_id`` is still one, and is refused
+    for that, not for lacking a prompt)."""
+    return OPENAI if isinstance(obj, dict) and any(k in obj for k in _OPENAI_KEYS) else SIMPLE
 
 
 def decode(text: str | bytes, lineno: int) -> dict:
@@ -65,6 +86,8 @@ def decode(text: str | bytes, lineno: int) -> dict:
         obj = json.loads(text)
     except ValueError as exc:
         raise FormatError(f"line {lineno} is not JSON ({exc})") from None
+    except RecursionError:
+        raise FormatError(f"line {lineno} is JSON nested too deeply") from None
     if not isinstance(obj, dict):
         raise FormatError(f"line {lineno} is a JSON {type(obj).__name__}, not an object")
     return obj
@@ -82,9 +105,9 @@ def read_objects(path: str) -> Iterator[tuple[int, dict]]:
                 yield lineno, decode(raw, lineno)
 
 
-def parse(obj: dict, lineno: int, fmt: str) -> Item:
+def parse(obj: dict, lineno: int, fmt: str, rules: Rules) -> Item:
     """An Item from one decoded line of a file of format ``fmt``; FormatError if it is not one."""
-    return _parse_openai(obj, lineno) if fmt == OPENAI else _parse_simple(obj, lineno)
+    return _parse_openai(obj, lineno, rules) if fmt == OPENAI else _parse_simple(obj, lineno, rules)
 
 
 def id_key(item_id: str | int) -> int:
@@ -92,74 +115,59 @@ def id_key(item_id: str | int) -> int:
     return hash(item_id) if type(item_id) is str else hash((0, item_id))
 
 
-def _parse_simple(obj: dict, lineno: int) -> Item:
+def _parse_simple(obj: dict, lineno: int, rules: Rules) -> Item:
     if "custom_id" in obj:
         raise FormatError(f"line {lineno} is an OpenAI batch line, but the file's first line is in the "
                           "simple format; one file holds one format")
     item_id = obj.get("id", lineno)            # no id: the line number (stable, so resume works)
     if type(item_id) not in (str, int):
         raise FormatError(f"line {lineno}: id must be a string or an integer, not {type(item_id).__name__}")
-    if not any(k in obj for k in _PROMPT_KEYS):
-        raise FormatError(f"line {lineno} has none of prompt, messages or prompt_token_ids")
-    request = {k: v for k, v in obj.items() if k in _SIMPLE_KEYS}
     carry = {k: v for k, v in obj.items() if k not in _SIMPLE_KEYS and k != "id"}
-    return Item(item_id, "simple", request, carry=carry)
-
-
-def _parse_openai(obj: dict, lineno: int) -> Item:
-    custom_id = obj.get("custom_id")
-    if not isinstance(custom_id, str) or not custom_id:
-        raise FormatError(f"line {lineno}: custom_id must be a non-empty string (one file holds one format; "
-                          "the first line is an OpenAI batch line)")
-    if obj.get("method", "POST") != "POST":
-        raise FormatError(f"line {lineno}: method must be POST, not {obj.get('method')!r}")
-    url = obj.get("url")
-    if url not in URLS:
-        raise FormatError(f"line {lineno}: url must be {' or '.join(URLS)}, not {url!r}")
-    body = obj.get("body")
-    if not isinstance(body, dict):
-        raise FormatError(f"line {lineno}: body must be a JSON object")
-    needed = "messages" if url == CHAT_URL else "prompt"
-    if needed not in body:
-        raise FormatError(f"line {lineno}: the body of a {url} request needs {needed!r}")
-    carry = {k: v for k, v in obj.items() if k not in ("custom_id", "method", "url", "body")}
-    kind = "chat" if url == CHAT_URL else "completion"
-    model = body.get("model") if isinstance(body.get("model"), str) else None
+    request = {k: v for k, v in obj.items() if k in _SIMPLE_KEYS}
     try:
-        request = _body_request(body, kind)
-    except ValueError as exc:
-        return Item(custom_id, kind, None, error=str(exc), carry=carry, model=model)
-    return Item(custom_id, kind, request, carry=carry, model=model)
+        if not any(k in obj for k in _PROMPT_KEYS):
+            raise errors.InvalidRequest("the line has none of prompt, messages or prompt_token_ids", "prompt")
+        sampling = {k: v for k, v in request.items() if k in SAMPLING}
+        check_sampling(sampling)
+        _check_call(request, sampling, rules)
+    except (ValueError, TypeError) as exc:
+        return Item(item_id, SIMPLE, None, error=exc, carry=carry)
+    return Item(item_id, SIMPLE, [request], carry=carry)
 
 
-def _body_request(body: dict, kind: str) -> dict:
-    """Pool.submit keywords from an OpenAI request body; ValueError for what mpdp does not serve."""
-    request: dict[str, Any] = {}
-    if kind == "chat":
-        request["messages"] = body["messages"]
-    else:
-        prompt = body["prompt"]
-        if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
-            request["prompt_token_ids"] = prompt
-        elif isinstance(prompt, list) and len(prompt) == 1:
-            request["prompt"] = prompt[0]
-        elif isinstance(prompt, list):
-            raise ValueError("prompt: one prompt a line (a list of several prompts is not served)")
-        else:
-            request["prompt"] = prompt
-    unsupported = []
-    for key, value in body.items():
-        if key in ("messages", "prompt") or key in _BODY_IGNORED:
-            continue
-        if key in _BODY_SAMPLING:
-            request[key] = value
-        elif key == "max_completion_tokens":       # OpenAI's newer name for max_tokens
-            request["max_tokens"] = value
-        elif value:                                # stream, logprobs, tools, echo, ... when asked for
-            unsupported.append(key)
-    if unsupported:
-        raise ValueError(f"unsupported body field(s): {', '.join(sorted(unsupported))}")
-    return request
+def _parse_openai(obj: dict, lineno: int, rules: Rules) -> Item:
+    custom_id = obj.get("custom_id")
+    if "custom_id" not in obj:
+        raise FormatError(f"line {lineno} has no custom_id (every OpenAI batch line needs its own; the file's "
+                          "first line is an OpenAI batch line, and one file holds one format)")
+    if not isinstance(custom_id, str) or not custom_id:
+        raise FormatError(f"line {lineno}: custom_id must be a non-empty string, not {custom_id!r}")
+    carry = {k: v for k, v in obj.items() if k not in _OPENAI_KEYS}
+    url = obj.get("url")
+    kind = URLS.get(url) if isinstance(url, str) else None
+    try:
+        if obj.get("method", "POST") != "POST":
+            raise errors.InvalidRequest(f"method must be POST, not {obj.get('method')!r}", "method")
+        if kind is None:
+            raise errors.InvalidRequest(f"url {url!r} is not served; the url must be "
+                                        f"{' or '.join(URLS)}", "url")
+        p = parsing.parse(obj.get("body"), kind, list(rules.served), streaming=False)
+        calls = p.pool_calls()
+        for call in calls:
+            _check_call(call, p.sampling, rules)
+    except (ValueError, TypeError) as exc:
+        return Item(custom_id, kind or OPENAI, None, error=exc, carry=carry)
+    return Item(custom_id, kind, calls, carry=carry, parsed=p)
+
+
+def _check_call(call: dict, sampling: dict, rules: Rules) -> None:
+    """What ``Pool.submit`` checks, without a pool: the engine serves the sampling fields, and the
+    prompt or messages make a request (their shape, their size on the wire)."""
+    if rules.sampling_fields is not None:
+        unsupported = set(sampling) - rules.sampling_fields
+        if unsupported:
+            raise ValueError(f"the {rules.engine} engine does not support {', '.join(sorted(unsupported))}")
+    build_request(0, call.get("prompt"), call.get("messages"), call.get("prompt_token_ids"), sampling)
 
 
 # -- output lines ------------------------------------------------------------------------------------
@@ -171,39 +179,31 @@ def output_id(row: Any, fmt: str) -> str | int | None:
     return item_id if type(item_id) in (str, int) else None
 
 
-def result_row(item: Item, completion, model: str) -> dict:
-    """The output line of a finished request (``completion`` is an ``mpdp.Completion``)."""
-    if item.kind == "simple":
-        row: dict[str, Any] = {"id": item.id, "text": completion.text, "finish_reason": completion.finish_reason,
+def result_row(item: Item, completions: list) -> dict:
+    """The output line of a finished line (``completions``: one ``mpdp.Completion`` per pool call)."""
+    if item.kind == SIMPLE:
+        (completion,) = completions
+        row: dict[str, Any] = {"id": item.id, "text": completion.text,
+                               "finish_reason": shapes.finish_reason(completion.finish_reason),
                                "usage": {"prompt_tokens": completion.prompt_tokens,
                                          "completion_tokens": completion.completion_tokens}}
         if len(completion.choices) > 1:
             row["choices"] = completion.choices
         return _with_carry(row, item)
-    if item.kind == "chat":
-        obj, choices = "chat.completion", [
-            {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": fr}
-            for i, (text, fr) in enumerate(zip(completion.choices, completion.finish_reasons))]
-    else:
-        obj, choices = "text_completion", [
-            {"index": i, "text": text, "logprobs": None, "finish_reason": fr}
-            for i, (text, fr) in enumerate(zip(completion.choices, completion.finish_reasons))]
-    body = {"id": f"{'chatcmpl' if item.kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}", "object": obj,
-            "created": int(time.time()), "model": item.model or model, "choices": choices,
-            "usage": {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
-                      "total_tokens": completion.prompt_tokens + completion.completion_tokens}}
+    p = item.parsed
+    body = shapes.response(p, shapes.new_id(p.kind), int(time.time()), completions)
     return _batch_row(item, 200, body, None)
 
 
-def error_row(item: Item, message: str, exc: BaseException | None = None) -> dict:
-    """The output line of a request that failed alone."""
-    if item.kind == "simple":
-        return _with_carry({"id": item.id, "error": message}, item)
-    # A bad request is the caller's (400, as the OpenAI server answers it); anything else is ours.
-    client = exc is None or isinstance(exc, (ValueError, TypeError))
-    status, code = (400, "invalid_request_error") if client else (500, "server_error")
-    body = {"error": {"message": message, "type": code, "param": None, "code": None}}
-    return _batch_row(item, status, body, {"code": code, "message": message})
+def error_row(item: Item, exc: BaseException) -> dict:
+    """The output line of a line that failed alone: its error read once (``errors.classify``)."""
+    err = shapes.api_error(exc, item.parsed)
+    if item.kind == SIMPLE:
+        row = {"id": item.id, "error": err.message}
+        if err.param is not None:
+            row["param"] = err.param
+        return _with_carry(row, item)
+    return _batch_row(item, err.status, None, err.error())
 
 
 def _batch_row(item: Item, status: int, body: dict, error: dict | None) -> dict:

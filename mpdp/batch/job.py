@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 
 from mpdp import errors
 from mpdp.batch import checks, files, formats, output
@@ -115,6 +115,8 @@ def _run(args, plan: checks.Plan, signals: Signals) -> int:
             output.open_for_append(args.output, plan.previous).close()   # a torn tail goes all the same
         _say(f"nothing to do: all {plan.total} results are in {args.output}")
         return 0
+    if plan.todo == plan.invalid:        # every request left fails alone: no worker needed
+        return _write_all(args, plan, None, signals)
     from mpdp.pool import Pool           # not before: the checks above must stay fast
 
     started = time.monotonic()
@@ -127,7 +129,7 @@ def _run(args, plan: checks.Plan, signals: Signals) -> int:
         print(f"mpdp generate: error: {exc}", file=sys.stderr)
         return 2
     except errors.MpdpError as exc:
-        _say(f"error: the workers did not start: {_first_line(exc)}")
+        _say(f"error: the workers did not start: {errors.first_line(exc)}")
         return 1
     try:
         signals.deferred = True
@@ -143,7 +145,7 @@ def _write_all(args, plan: checks.Plan, pool, signals: Signals) -> int:
     f = output.open_for_append(args.output, plan.previous) if plan.previous else open(args.output, "wb")
     progress = Progress(plan.total, plan.done, enabled=not args.no_progress)
     writer = output.DurableWriter(f, args.fsync_every, progress.advance)
-    window = OrderedWindow(args.window, _renderer(args.model), writer)
+    window = OrderedWindow(args.window, _render, writer)
     started, failure = time.monotonic(), None
     try:
         _loop(_todo(args.input, plan), window, writer, pool, signals)
@@ -171,10 +173,10 @@ def _write_all(args, plan: checks.Plan, pool, signals: Signals) -> int:
     _say(f"this run wrote {writer.written} results ({failed} failed) in {elapsed:.1f}s -> {args.output}; "
          f"{writer.written / max(elapsed, 1e-9):,.1f} results/s, "
          f"{progress.tokens / max(elapsed, 1e-9):,.0f} output tokens/s")
-    print(worker_table(progress, pool.stats()), file=sys.stderr)
+    print(worker_table(progress, pool.stats() if pool is not None else {"workers": []}), file=sys.stderr)
     if signals.signum is not None or failure is not None:
         why = f"stopped by {signal.Signals(signals.signum).name}" if signals.signum is not None \
-            else f"error: {_first_line(failure)}"
+            else f"error: {errors.first_line(failure)}"
         _say(f"{why}; {aborted} unfinished requests aborted")
         if dropped:
             _say(f"{dropped} finished requests not written: they came after an unfinished one "
@@ -213,37 +215,72 @@ def _todo(path: str, plan: checks.Plan):
     """The second pass: the input's requests not in the output yet, in input order."""
     done = plan.previous.ids if plan.previous else None
     for lineno, obj in formats.read_objects(path):
-        item = formats.parse(obj, lineno, plan.fmt)
+        item = formats.parse(obj, lineno, plan.fmt, plan.rules)
         if done is None or formats.id_key(item.id) not in done:
             yield item
 
 
 def _submit(pool, item: formats.Item) -> Future:
-    if item.error is None:
-        try:
-            return pool.submit(**item.request)
-        except (ValueError, TypeError) as exc:    # a bad request fails alone, in its place
-            error = exc
-        except (errors.PoolClosed, errors.PoolBroken) as exc:
-            raise PoolFailure(_first_line(exc)) from exc
-    else:
-        error = ValueError(item.error)
+    """The line's pool requests as one future: of a Completion, or of the list of them when a
+    completions prompt list made several; a line that fails alone gets a future that already
+    holds its error."""
+    if item.error is not None:
+        return _failed(item.error)
+    futures: list[Future] = []
+    try:
+        for call in item.calls:
+            futures.append(pool.submit(**call))
+    except (ValueError, TypeError) as exc:    # a bad request fails alone, in its place
+        _cancel(futures)
+        return _failed(exc)
+    except (errors.PoolClosed, errors.PoolBroken) as exc:
+        _cancel(futures)
+        raise PoolFailure(errors.first_line(exc)) from exc
+    return futures[0] if len(futures) == 1 else _gather(futures)
+
+
+def _failed(exc: BaseException) -> Future:
     future: Future = Future()
-    future.set_exception(error)
+    future.set_exception(exc)
     return future
 
 
-def _renderer(model: str):
-    def render(item: formats.Item, outcome):
-        if isinstance(outcome, (errors.PoolClosed, errors.PoolBroken)):
-            raise PoolFailure(_first_line(outcome))
-        if isinstance(outcome, BaseException):
-            message = f"{type(outcome).__name__}: {outcome}"
-            return formats.error_row(item, message, outcome), 0, None
-        return formats.result_row(item, outcome, model), outcome.completion_tokens, outcome.worker
-    return render
+def _cancel(futures: list[Future]) -> None:
+    for f in futures:
+        f.cancel()
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+def _gather(futures: list[Future]) -> Future:
+    """One future of the list of results, failed with the first error; cancelling it cancels
+    (and so aborts in their engines) the parts."""
+    whole: Future = Future()
+    left = [len(futures)]
+    lock = threading.Lock()
+
+    def part_done(f: Future) -> None:
+        with lock:
+            if whole.done():
+                return
+            if f.cancelled() or f.exception() is not None:
+                exc = f.exception() if not f.cancelled() else CancelledError("the request was cancelled")
+                whole.set_exception(exc)
+                _cancel(futures)
+                return
+            left[0] -= 1
+            if left[0] == 0:
+                whole.set_result([p.result() for p in futures])
+
+    whole.add_done_callback(lambda w: w.cancelled() and _cancel(futures))
+    for f in futures:
+        f.add_done_callback(part_done)
+    return whole
+
+
+def _render(item: formats.Item, outcome):
+    if isinstance(outcome, (errors.PoolClosed, errors.PoolBroken)):
+        raise PoolFailure(errors.first_line(outcome))
+    if isinstance(outcome, BaseException):
+        return formats.error_row(item, outcome), 0, None
+    completions = outcome if isinstance(outcome, list) else [outcome]
+    # A line of several prompts is one result: counted on its first request's worker.
+    return formats.result_row(item, completions), sum(c.completion_tokens for c in completions), completions[0].worker

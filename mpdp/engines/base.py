@@ -58,7 +58,7 @@ class EngineResult:
     finish_reasons: list[str] = field(default_factory=list)  # "stop" | "length" | "abort"
     prompt_tokens: int = 0
     completion_tokens: int = 0                                # summed over choices
-    logprobs: list[Any] | None = None                         # per choice, when asked
+    logprobs: list[Any] | None = None      # per choice, when asked: engines.logprobs records
     error_type: str | None = None
     error: str | None = None
     finished: bool = True

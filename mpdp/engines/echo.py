@@ -1,7 +1,7 @@
 """The echo engine: the completion is the prompt itself. For tests of the plumbing, never for features.
 
 Text is the prompt (for chat: the last message's content) cut to ``max_tokens`` characters;
-one character counts as one token. Options:
+one character counts as one token (with ``logprobs``: each of logprob 0). Options:
 
 - ``delay_s``: each request finishes this many seconds after it arrived (holds requests in flight);
 - ``capacity``: the credit it advertises (default 4096);
@@ -31,6 +31,7 @@ import signal
 import time
 
 from mpdp.engines.base import ContextWindowExceeded, Engine, EngineRequest, EngineResult, WorkerPlacement
+from mpdp.engines.logprobs import record as logprob_record
 
 FAULT_PREFIX = "!fault:"
 HELD_PROBE = "!held"
@@ -157,8 +158,13 @@ def _echo(req: EngineRequest) -> EngineResult:
         cut = out.find(s)
         if cut >= 0:
             out, reason = out[:cut], "stop"
+    k = req.params.get("logprobs")
+    logprobs = None
+    if k is not None:       # one character a token, certain: logprob 0, itself the only alternative
+        records = [logprob_record(ord(c), c.encode(), 0.0, [(ord(c), c.encode(), 0.0)][:k]) for c in out]
+        logprobs = [records] * n
     return EngineResult(id=req.id, texts=[out] * n, finish_reasons=[reason] * n,
-                        prompt_tokens=len(text), completion_tokens=len(out) * n)
+                        prompt_tokens=len(text), completion_tokens=len(out) * n, logprobs=logprobs)
 
 
 def _fail(kind: str) -> None:

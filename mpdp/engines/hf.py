@@ -21,8 +21,8 @@ Params: max_tokens (default 16; ``None`` = up to the context limit), temperature
 as in vLLM; 0, or below 1e-5 as vLLM rounds it, = greedy argmax), top_p, top_k, n, seed, stop,
 ignore_eos, presence_penalty and frequency_penalty (subtracted from the logits over the
 generated tokens, as vLLM does), logprobs (k in 0..20: the chosen token's logprob plus the top
-k, from the raw model distribution; per choice a list of {"token_id", "token", "logprob",
-"top_logprobs": [...]}), chat_template_kwargs, and ``response_format`` as vLLM's OpenAI server
+k, from the raw model distribution; per choice a list of ``engines.logprobs`` records),
+chat_template_kwargs, and ``response_format`` as vLLM's OpenAI server
 takes it: ``{"type": "text"}``, ``{"type": "json_object"}`` (any JSON object) or
 ``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}``. JSON formats are
 enforced while decoding with xgrammar: each row has its own grammar matcher, whose token
@@ -47,6 +47,7 @@ from typing import Any
 
 from mpdp.engines.base import (ContextWindowExceeded, Engine, EngineRequest, EngineResult, WorkerPlacement,
                                json_format)
+from mpdp.engines.logprobs import record as logprob_record, token_bytes
 
 MAX_LOGPROBS = 20
 OPTIONS = frozenset({"max_batch_size", "max_prefill_tokens", "dtype", "max_model_len", "device",
@@ -118,6 +119,7 @@ class HFEngine(Engine):
         dtype = getattr(torch, "float32" if dtype == "auto" else dtype) if isinstance(dtype, str) else dtype
         device = self.options.get("device", "cuda" if placement.gpus and torch.cuda.is_available() else "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self._token_bytes = token_bytes(self.tokenizer)   # each token's own bytes, for logprobs
         # We check lengths ourselves (add); silence the tokenizer's "sequence too long" warning.
         self.tokenizer.model_max_length = sys.maxsize
         self.hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
@@ -396,12 +398,11 @@ class HFEngine(Engine):
 
     def _logprob_entry(self, logits, token: int, k: int) -> dict:
         logp = self._torch.log_softmax(logits, dim=-1)
-        entry = {"token_id": token, "token": self.tokenizer.decode([token]), "logprob": float(logp[token])}
+        top = []
         if k:
             values, ids = logp.topk(k)
-            entry["top_logprobs"] = [{"token_id": int(t), "token": self.tokenizer.decode([int(t)]),
-                                      "logprob": float(v)} for v, t in zip(values, ids)]
-        return entry
+            top = [(int(t), self._token_bytes(int(t)), float(v)) for v, t in zip(values, ids)]
+        return logprob_record(token, self._token_bytes(token), float(logp[token]), top)
 
     def _check_finish(self, row: _Row) -> None:
         req = row.req

@@ -35,6 +35,7 @@ from typing import Any
 
 from mpdp.engines.base import (ContextWindowExceeded, Engine, EngineRequest, EngineResult, WorkerPlacement,
                                json_format)
+from mpdp.engines.logprobs import record as logprob_record, token_bytes
 
 # The EngineRequest.params keys that map one to one onto vllm.SamplingParams fields.
 _SAMPLING_KEYS = frozenset({
@@ -93,6 +94,8 @@ class VLLMEngine(Engine):
         self._capacity = capacity or self.max_num_seqs + max(32, self.max_num_seqs // 8)
         self._renderer = self._engine.renderer
         self._tokenizer = self._engine.get_tokenizer()
+        self._token_bytes = token_bytes(self._tokenizer)      # each token's own bytes, for logprobs
+        self._top_k: dict[str, int] = {}                      # request -> alternatives asked for
         # The model's generation_config.json defaults (temperature, top_p, ...), as LLM.generate
         # and the OpenAI server apply them when a request leaves a field out.
         self._defaults = dict(config.model_config.get_diff_sampling_param())
@@ -130,8 +133,10 @@ class VLLMEngine(Engine):
             (engine_input,) = self._renderer.render_cmpl([TokensPrompt(prompt_token_ids=token_ids)])
             self._engine.add_request(rid, engine_input, sampling)
         self._live[rid] = request.id
+        if sampling.logprobs is not None:
+            self._top_k[rid] = sampling.logprobs
         if request.stream:
-            self._streams[rid] = _Accumulated(len(token_ids))
+            self._streams[rid] = _Accumulated(len(token_ids), self._records_of(rid))
 
     def step(self) -> list[EngineResult]:
         if not self._live:
@@ -149,25 +154,35 @@ class VLLMEngine(Engine):
                 if not out.finished:           # FINAL_ONLY: only finished ones come, but be sure
                     continue
                 request_id = self._live.pop(out.request_id, None)
+                records = self._records_of(out.request_id)
+                self._top_k.pop(out.request_id, None)
                 if request_id is not None:     # None: aborted meanwhile
-                    results.append(acc.final(request_id, out) if acc is not None else _result(request_id, out))
+                    results.append(acc.final(request_id, out) if acc is not None
+                                   else _result(request_id, out, records))
         if self._live and not self._engine.has_unfinished_requests():
             # vLLM holds nothing more, yet some of ours never came back: fail them instead of hanging.
             for request_id in self._live.values():
                 results.append(EngineResult.failure(
                     request_id, RuntimeError("vLLM finished without returning this request")))
             self._live.clear()
+            self._top_k.clear()
         return results
 
     def abort(self, request_ids: list[int]) -> None:
         ids = [rid for rid in map(str, request_ids) if self._live.pop(rid, None) is not None]
         for rid in ids:
             self._streams.pop(rid, None)
+            self._top_k.pop(rid, None)
         if ids:
             self._engine.abort_request(ids)
 
     def has_unfinished(self) -> bool:
         return bool(self._live)
+
+    def _records_of(self, rid: str):
+        """choice -> its ``engines.logprobs`` records, for a request that asked for logprobs."""
+        k, of = self._top_k.get(rid, 0), self._token_bytes
+        return lambda choice: _records(choice, k, of)
 
     def close(self) -> None:
         if getattr(self, "_kv_events", None) is not None:
@@ -387,14 +402,14 @@ def _structured_outputs(response_format: Any):
     return StructuredOutputsParams(json_object=True) if kind == "json_object" else StructuredOutputsParams(json=schema)
 
 
-def _result(request_id: int, out) -> EngineResult:
+def _result(request_id: int, out, records) -> EngineResult:
     """A finished vllm RequestOutput -> EngineResult (plain types only: it goes out as msgpack)."""
     choices = sorted(out.outputs, key=lambda c: c.index)
     if any(c.finish_reason == "error" for c in choices):
         return EngineResult.failure(request_id, RuntimeError("vLLM failed this request (finish_reason 'error')"))
     logprobs = None
     if any(c.logprobs is not None for c in choices):
-        logprobs = [_chosen_logprobs(c) for c in choices]
+        logprobs = [records(c) for c in choices]
     return EngineResult(
         id=request_id,
         texts=[c.text for c in choices],
@@ -409,8 +424,8 @@ def _result(request_id: int, out) -> EngineResult:
 class _Accumulated:
     """A streamed request's text so far, per choice: DELTA outputs carry only what is new."""
 
-    def __init__(self, prompt_tokens: int):
-        self.prompt_tokens = prompt_tokens
+    def __init__(self, prompt_tokens: int, records):
+        self.prompt_tokens, self.records = prompt_tokens, records
         self.cached_tokens: int | None = None
         self.texts: dict[int, list[str]] = {}
         self.tokens: dict[int, int] = {}
@@ -427,7 +442,7 @@ class _Accumulated:
             if c.finish_reason is not None:
                 self.reasons[c.index] = c.finish_reason
             if c.logprobs is not None:
-                self.logprobs.setdefault(c.index, []).extend(_chosen_logprobs(c))
+                self.logprobs.setdefault(c.index, []).extend(self.records(c))
 
     def partial(self, request_id: int, out) -> EngineResult:
         n = max(self.texts) + 1 if self.texts else 1
@@ -454,13 +469,17 @@ def _cached_tokens(out) -> int | None:
     return int(cached) if cached is not None else None
 
 
-def _chosen_logprobs(choice) -> list[float | None]:
-    """The log probability of each generated token (vLLM returns a {token id: Logprob} per position,
-    which always holds the sampled token)."""
+def _records(choice, k: int, of) -> list[dict]:
+    """One choice's logprobs as ``engines.logprobs`` records. vLLM gives per position a
+    {token id: Logprob} that holds the top ``k`` (ranks 1..k) and always the sampled token."""
     if choice.logprobs is None:
         return []
-    out: list[float | None] = []
+    out = []
     for token_id, position in zip(choice.token_ids, choice.logprobs):
-        entry = position.get(token_id) if position else None
-        out.append(float(entry.logprob) if entry is not None else None)
+        position = position or {}
+        chosen = position.get(token_id)
+        top = sorted(((t, lp) for t, lp in position.items() if lp.rank is not None and lp.rank <= k),
+                     key=lambda item: item[1].rank)
+        out.append(logprob_record(token_id, of(token_id), float(chosen.logprob) if chosen is not None else None,
+                                  [(t, of(t), float(lp.logprob)) for t, lp in top]))
     return out

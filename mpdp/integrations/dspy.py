@@ -48,6 +48,7 @@ from typing import Any
 import dspy
 
 from mpdp import errors
+from mpdp.openai_api.response import finish_reason
 
 try:                                   # DSPy >= 3.4: the engine route
     from dspy import lm15
@@ -80,7 +81,6 @@ DSPY_LM_KEYWORDS = frozenset({
     "provider", "finetuning_model", "launch_kwargs", "train_kwargs", "use_developer_role",
     "prompt_cache",
 })
-_FINISH_REASONS = {"stop": "stop", "length": "length", "abort": "error"}
 _SAMPLING_PARAMS = frozenset({"temperature", "max_tokens", "top_p", "top_k", "stop", "seed", "n",
                               "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs"})
 # DSPy call keywords that are not sampling (PoolLM sees them in its kwargs).
@@ -322,24 +322,23 @@ def request_sampling(request: Request, defaults: dict[str, Any]) -> dict[str, An
     return sampling
 
 
-def _token_logprobs(raw: Any) -> tuple[lm15.TokenLogprob, ...] | None:
-    """The pool's logprobs of one choice as lm15 tokens: the hf engine gives a dict per token
-    (token, logprob, top_logprobs), the vllm engine the chosen token's logprob alone."""
-    if not raw:
-        return None
-    tokens = []
-    for entry in raw:
-        if isinstance(entry, dict) and "logprob" in entry:
-            top = tuple(lm15.TopLogprob(token=str(t.get("token", "")), logprob=float(t["logprob"]),
-                                        token_id=t.get("token_id"))
-                        for t in entry.get("top_logprobs") or ())
-            tokens.append(lm15.TokenLogprob(token=str(entry.get("token", "")), logprob=float(entry["logprob"]),
-                                            token_id=entry.get("token_id"), top=top))
-        elif isinstance(entry, (int, float)) and not isinstance(entry, bool):
-            tokens.append(lm15.TokenLogprob(token="", logprob=float(entry)))
-        else:
-            return None           # unknown (or a missing score): report none rather than guess
-    return tuple(tokens)
+def _token_logprobs(records: Any) -> tuple[lm15.TokenLogprob, ...] | None:
+    """The pool's logprobs of one choice (``engines.logprobs`` records, the same for every engine)
+    as lm15 tokens."""
+    if not records or any(r["logprob"] is None for r in records):
+        return None               # a missing score: report none rather than guess
+    return tuple(lm15.TokenLogprob(token=r["token"], logprob=float(r["logprob"]), bytes=tuple(r["bytes"]),
+                                   token_id=r["token_id"],
+                                   top=tuple(lm15.TopLogprob(token=t["token"], logprob=float(t["logprob"]),
+                                                             bytes=tuple(t["bytes"]), token_id=t["token_id"])
+                                             for t in r["top_logprobs"]))
+                 for r in records)
+
+
+def _lm15_finish_reason(reason: str) -> str:
+    # OpenAI's reasons (mapped once, for every door); vLLM's "abort" is lm15's "error".
+    reason = finish_reason(reason)
+    return reason if reason in ("stop", "length") else "error"
 
 
 def completion_response(completion: Any, model: str, *, keep_reasoning: bool,
@@ -354,26 +353,24 @@ def completion_response(completion: Any, model: str, *, keep_reasoning: bool,
         logprobs = _token_logprobs(completion.logprobs[0])
     return Response(
         id=None, model=model, message=Message.assistant(parts),
-        finish_reason=_FINISH_REASONS.get(completion.finish_reason, "stop"),
+        finish_reason=_lm15_finish_reason(completion.finish_reason),
         usage=Usage(input_tokens=completion.prompt_tokens, output_tokens=completion.completion_tokens),
         logprobs=logprobs, provider_data={"mpdp": {"worker": completion.worker}},
     )
 
 
+# errors.classify's kinds as the lm15 errors DSPy projects to its public ones.
+_LM15_ERRORS = {} if lm15 is None else {
+    errors.INVALID: lm15.InvalidRequestError, errors.NOT_FOUND: lm15.InvalidRequestError,
+    errors.CONTEXT: lm15.ContextLengthError, errors.UNAVAILABLE: lm15.ConfigurationError,
+    errors.TIMEOUT: lm15.TimeoutError, errors.ENGINE: lm15.ProviderError}
+
+
 def lm15_error(exc: BaseException, what: str) -> BaseException:
-    """The lm15 error DSPy projects to the right public error (mpdp's stays as ``__cause__``)."""
-    message = f"{what}: {type(exc).__name__}: {exc}"
-    if isinstance(exc, errors.ContextWindowExceededError):
-        return lm15.ContextLengthError(message, provider=PROVIDER)
-    if isinstance(exc, (errors.PoolClosed, errors.PoolBroken)):
-        return lm15.ConfigurationError(message, provider=PROVIDER)
-    if isinstance(exc, errors.RequestTimeout):
-        return lm15.TimeoutError(message, provider=PROVIDER)
-    if isinstance(exc, errors.MpdpError):    # WorkerCrashed (the pool already retried it), EngineError
-        return lm15.ProviderError(message, provider=PROVIDER)
-    if isinstance(exc, (ValueError, TypeError)):
-        return lm15.InvalidRequestError(message, provider=PROVIDER)
-    return exc
+    """The lm15 error DSPy projects to the right public error (mpdp's stays as ``__cause__``);
+    an error that is not a request's (a bug) stays itself."""
+    cls = _LM15_ERRORS.get(errors.classify(exc).kind)
+    return exc if cls is None else cls(f"{what}: {type(exc).__name__}: {exc}", provider=PROVIDER)
 
 
 # ─── The engines ─────────────────────────────────────────────────────────────
@@ -667,7 +664,7 @@ class PoolLM(dspy.BaseLM):
             message = _Attrs(role="assistant", content=answer, tool_calls=None)
             if self.keep_reasoning and reasoning:
                 message["reasoning_content"] = reasoning
-            choices.append(_Attrs(index=index, message=message, finish_reason=reason,
+            choices.append(_Attrs(index=index, message=message, finish_reason=finish_reason(reason),
                                   logprobs=(completion.logprobs or [None] * (index + 1))[index]))
         usage = _Attrs(prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens,
                        total_tokens=completion.prompt_tokens + completion.completion_tokens)

@@ -4,8 +4,8 @@
     app = create_app(pool, served_model_names=["my-model"], api_key="...")   # an ASGI app to mount
     serve(pool, host="127.0.0.1", port=8000)                                 # or run it here
 
-The parts: ``openai_shapes`` (request bodies to pool calls, results to OpenAI's response and
-chunk shapes, the error body), ``app`` (the routes), ``admission`` (room in the pool for a
+The parts: ``app`` (the routes, over ``mpdp.openai_api``: request bodies to pool calls, results
+to OpenAI's response and chunk shapes, the error body), ``admission`` (room in the pool for a
 request's prompts, all at once), ``body_limit`` (the body size limit, counted while reading),
 ``metrics`` (the Prometheus collector over ``pool.stats()`` and the request histograms),
 ``bind`` (who may reach the server), ``lifecycle`` (uvicorn, drain on SIGTERM/SIGINT), ``cli``

@@ -16,8 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 
-from mpdp.server import openai_shapes as shapes
-from mpdp.server.openai_shapes import APIError
+from mpdp.openai_api.response import APIError
 
 
 class Admission:
@@ -33,9 +32,9 @@ class Admission:
         if self._closed is not None:
             raise self._closed
         if k > self.size:
-            raise shapes.bad(f"this request has {k} prompts, more than the server ever runs at once "
-                             f"(max_pending={self.size}): send them in requests of at most {self.size}",
-                             "prompt")
+            raise APIError(400, f"this request has {k} prompts, more than the server ever runs at once "
+                           f"(max_pending={self.size}): send them in requests of at most {self.size}",
+                           "invalid_request_error", "prompt")
         if not self._queue and self.free >= k:
             self.free -= k                 # the usual case: room, nobody ahead
             return

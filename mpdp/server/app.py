@@ -1,10 +1,12 @@
 """The routes: ``create_app(pool, ...)`` returns a FastAPI (ASGI) app over a running ``mpdp.Pool``.
 
-One HTTP request's path: the body is parsed into pool calls (``openai_shapes.parse``); the
+One HTTP request's path: the body is parsed into pool calls (``openai_api.request.parse``); the
 request waits for room (``admission``: all its prompts' places of the pool's ``max_pending`` at
-once, on the event loop, bounded by ``queue_timeout``, never dropped); then ``pool.asubmit`` (or ``pool.astream`` for ``stream: true``) per prompt.
-The pool checks every value and raises ValueError/TypeError naming the field: a 400 with that
-``param``. Streams go out as server-sent events of the engines' own deltas. A client that goes
+once, on the event loop, bounded by ``queue_timeout``, never dropped); then ``pool.asubmit`` (or
+``pool.astream`` for ``stream: true``) per prompt. Every failure is read once
+(``errors.classify``) and answered with OpenAI's status for its kind
+(``openai_api.response.STATUS``): a bad value is a 400 naming the field in ``param``. Streams
+go out as server-sent events of the engines' own deltas. A client that goes
 away cancels its pool futures, which aborts the requests inside their engines: non-streamed
 requests race the pool's answer against ``http.disconnect``; streamed ones always listen for it
 (``_SSEResponse``), whatever ASGI version the server speaks.
@@ -28,21 +30,24 @@ from fastapi.responses import Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mpdp import errors
-from mpdp.server import openai_shapes as shapes
+from mpdp.openai_api import request as parsing
+from mpdp.openai_api import response as shapes
+from mpdp.openai_api.response import APIError
 from mpdp.server import sse
 from mpdp.server.admission import Admission
 from mpdp.server.body_limit import BodyLimit
 from mpdp.server.metrics import PoolCollector, RequestMetrics
-from mpdp.server.openai_shapes import APIError
 
 MAX_BODY_BYTES = 32 << 20          # the pool refuses requests over half a wire frame anyway
 DEFAULT_QUEUE_TIMEOUT = 600.0
 
 
 def _json(obj: Any, status: int = 200) -> Response:
-    return Response(json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode(), status,
-                    media_type="application/json")
+    try:
+        data = json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError:      # a lone surrogate the client sent, echoed back: escape it
+        data = json.dumps(obj, separators=(",", ":")).encode()
+    return Response(data, status, media_type="application/json")
 
 
 class _SSEResponse(StreamingResponse):
@@ -192,11 +197,11 @@ def create_app(pool, served_model_names: list[str] | str | None = None, *, api_k
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        return await _handle(request, state, shapes.CHAT)
+        return await _handle(request, state, parsing.CHAT)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await _handle(request, state, shapes.COMPLETION)
+        return await _handle(request, state, parsing.COMPLETION)
 
     return app
 
@@ -229,24 +234,9 @@ async def _body(request: Request) -> Any:
     try:
         return json.loads(raw)
     except ValueError as exc:
-        raise shapes.bad(f"the request body is not valid JSON: {exc}") from None
-
-
-def _api_error(exc: BaseException, p: shapes.Parsed | None) -> APIError:
-    """An exception of the pool (at submit, or the request's own failure) as an HTTP error."""
-    if isinstance(exc, APIError):
-        return exc
-    if isinstance(exc, errors.ContextWindowExceededError):
-        param = "messages" if p is not None and p.kind == shapes.CHAT else "prompt"
-        return shapes.bad(str(exc), param, "context_length_exceeded")
-    if isinstance(exc, (errors.PoolClosed, errors.PoolBroken)):
-        return APIError(503, f"the pool cannot take requests: {_first_line(exc)}", "service_unavailable_error",
-                        None, "pool_unavailable")
-    if isinstance(exc, errors.RequestTimeout):
-        return APIError(504, str(exc), "timeout_error", None, "request_timeout")
-    if isinstance(exc, (ValueError, TypeError)):
-        return shapes.bad(str(exc), shapes.param_of(str(exc), p.renames if p else None))
-    return APIError(500, f"{type(exc).__name__}: {_first_line(exc)}", "server_error")
+        raise APIError(400, f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply") from None
 
 
 def _failure_kind(err: APIError) -> str:
@@ -259,21 +249,17 @@ def _failure_kind(err: APIError) -> str:
     return "bad_request" if err.status < 500 else "server_error"
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 async def _handle(request: Request, state: ServerState, kind: str) -> Response:
     arrived = time.monotonic()
     state.check_key(request)
     p = None
     try:
-        p = shapes.parse(await _body(request), kind, state.served)
+        p = parsing.parse(await _body(request), kind, state.served)
         state.begin()
-    except APIError as err:
+    except Exception as exc:
+        err = shapes.api_error(exc)
         state.metrics.observe_failure(_failure_kind(err))
-        raise
+        raise err from None
     ended = False
     try:
         k = len(p.inputs)
@@ -297,7 +283,7 @@ async def _handle(request: Request, state: ServerState, kind: str) -> Response:
         state.metrics.observe_failure("aborted")
         raise
     except Exception as exc:
-        err = _api_error(exc, p)
+        err = shapes.api_error(exc, p)
         state.metrics.observe_failure(_failure_kind(err))
         raise err from exc
     finally:
@@ -305,11 +291,11 @@ async def _handle(request: Request, state: ServerState, kind: str) -> Response:
             state.end()
 
 
-def _pool_kwargs(state: ServerState, p: shapes.Parsed, inp: dict) -> dict:
+def _pool_kwargs(state: ServerState, p: parsing.Parsed, inp: dict) -> dict:
     return {**inp, "timeout": state.request_timeout, **p.sampling}
 
 
-async def _open_streams(state: ServerState, p: shapes.Parsed) -> list:
+async def _open_streams(state: ServerState, p: parsing.Parsed) -> list:
     streams = []
     try:
         for inp in p.inputs:
@@ -321,7 +307,7 @@ async def _open_streams(state: ServerState, p: shapes.Parsed) -> list:
     return streams
 
 
-async def _answer(request: Request, state: ServerState, p: shapes.Parsed, arrived: float,
+async def _answer(request: Request, state: ServerState, p: parsing.Parsed, arrived: float,
                   queued: float) -> Response:
     """A non-streamed request: the pool's answers, unless the client leaves first (then abort)."""
     tasks = [asyncio.ensure_future(state.pool.asubmit(**_pool_kwargs(state, p, inp))) for inp in p.inputs]
@@ -354,28 +340,37 @@ async def _disconnected(request: Request) -> None:
             return
 
 
-async def _events(state: ServerState, p: shapes.Parsed, held: _Streams, arrived: float):
+async def _events(state: ServerState, p: parsing.Parsed, held: _Streams, arrived: float):
     """The SSE body: a role chunk per choice (chat), the engines' deltas as they come (those that
     waited for a busy server joined into one chunk), the finish reason with the last text, a
-    usage chunk when asked, ``[DONE]``. An error after the stream began is one
+    usage chunk when asked (and usage so far on every chunk with ``continuous_usage_stats``, as
+    vLLM's server does), ``[DONE]``. An error after the stream began is one
     ``data: {"error": ...}`` event (as vLLM sends it), then ``[DONE]``."""
     rid, created, n, streams = shapes.new_id(p.kind), int(time.time()), p.n, held.streams
     texts = sse.TextEvents(p, rid, created)
     first: float | None = None
     completions: list = [None] * len(streams)
     try:
-        if p.kind == shapes.CHAT:
+        if p.kind == parsing.CHAT:
+            nothing_yet = shapes.running_usage(0, 0) if p.continuous_usage else None
             for j in range(n):
-                yield sse.event(shapes.chunk(p, rid, created, j, "", role=True))
-        async for i, new, finished in sse.batches(streams):
+                yield sse.event(shapes.chunk(p, rid, created, j, "", role=True, usage=nothing_yet))
+        async for i, new, finished, last in sse.batches(streams):
             if first is None and any(new):
                 first = time.monotonic()
             if finished:
                 c = completions[i] = await _completion(streams[i].future)
+                so_far = shapes.running_usage(c.prompt_tokens, c.completion_tokens) if p.continuous_usage else None
                 for j, text in enumerate(new):
                     reason = shapes.finish_reason(c.finish_reasons[j] if j < len(c.finish_reasons) else "")
                     yield sse.event(shapes.chunk(p, rid, created, i * n + j, text, reason,
-                                                 shapes.choice_logprobs(p, c, j)))
+                                                 shapes.choice_logprobs(p, c, j), usage=so_far))
+                continue
+            if p.continuous_usage:
+                so_far = shapes.running_usage(last.prompt_tokens, last.completion_tokens)
+                for j, text in enumerate(new):
+                    if text:
+                        yield sse.event(shapes.chunk(p, rid, created, i * n + j, text, usage=so_far))
                 continue
             for j, text in enumerate(new):
                 if text:
@@ -390,7 +385,7 @@ async def _events(state: ServerState, p: shapes.Parsed, held: _Streams, arrived:
         state.metrics.observe_failure("aborted")       # the client left: the streams abort below
         raise
     except Exception as exc:
-        err = _api_error(exc, p)
+        err = shapes.api_error(exc, p)
         state.metrics.observe_failure(_failure_kind(err))
         yield sse.event(err.body())
         yield sse.DONE

@@ -11,7 +11,7 @@ connection whose body the app does not take).
 
 from __future__ import annotations
 
-from mpdp.server.openai_shapes import APIError
+from mpdp.openai_api.response import APIError
 
 
 class BodyLimit:

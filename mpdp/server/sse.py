@@ -3,7 +3,7 @@ decides the server's throughput when many clients stream at once.
 
 - ``event(obj)``: one ``data: {json}`` event.
 - ``TextEvents``: the content chunks of one response, each from a template cut once per choice
-  out of ``openai_shapes.chunk``'s own output (so the two shapes cannot drift apart); per delta
+  out of ``openai_api.response.chunk``'s own output (so the two shapes cannot drift apart); per delta
   only the new text is JSON-encoded.
 - ``batches(streams)``: the pool streams' deltas as they come, those of one stream that are
   already waiting joined into one. A server behind the engines then catches up with one event
@@ -17,7 +17,8 @@ import asyncio
 import json
 from typing import Any, AsyncIterator
 
-from mpdp.server import openai_shapes as shapes
+from mpdp.openai_api import request as parsing
+from mpdp.openai_api import response as shapes
 
 DONE = b"data: [DONE]\n\n"
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
@@ -32,7 +33,7 @@ def event(obj: Any) -> bytes:
 class TextEvents:
     """The content events of one streamed response (one id, created time and model)."""
 
-    def __init__(self, p: shapes.Parsed, rid: str, created: int):
+    def __init__(self, p: parsing.Parsed, rid: str, created: int):
         self.p, self.rid, self.created = p, rid, created
         self._templates: dict[int, tuple[bytes, bytes]] = {}
 
@@ -51,30 +52,31 @@ class TextEvents:
         return before, after
 
 
-async def batches(streams: list) -> AsyncIterator[tuple[int, list[str], bool]]:
-    """``(i, texts, finished)``: stream ``i``'s new text per choice, joined over the deltas that
-    were waiting; one stream (the usual case) is read directly, without a task."""
+async def batches(streams: list) -> AsyncIterator[tuple[int, list[str], bool, Any]]:
+    """``(i, texts, finished, last)``: stream ``i``'s new text per choice, joined over the deltas
+    that were waiting, and the last of them (its token counts); one stream (the usual case) is
+    read directly, without a task."""
     if len(streams) == 1:
-        async for texts, finished in _joined(streams[0]):
-            yield 0, texts, finished
+        async for texts, finished, last in _joined(streams[0]):
+            yield 0, texts, finished, last
         return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(i, s):
         try:
-            async for texts, finished in _joined(s):
-                queue.put_nowait((i, texts, finished, None))
+            async for texts, finished, last in _joined(s):
+                queue.put_nowait((i, texts, finished, last, None))
         except BaseException as exc:           # noqa: B036 - handed to the reader, which raises it
-            queue.put_nowait((i, None, True, exc))
+            queue.put_nowait((i, None, True, None, exc))
 
     tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
     try:
         left = len(streams)
         while left:
-            i, texts, finished, exc = await queue.get()
+            i, texts, finished, last, exc = await queue.get()
             if exc is not None:
                 raise exc
-            yield i, texts, finished
+            yield i, texts, finished, last
             if finished:
                 left -= 1
     finally:
@@ -82,22 +84,25 @@ async def batches(streams: list) -> AsyncIterator[tuple[int, list[str], bool]]:
             t.cancel()
 
 
-async def _joined(stream) -> AsyncIterator[tuple[list[str], bool]]:
-    """One ``AsyncStream``'s deltas, those already waiting joined (texts per choice, in order).
-    Text read before the stream fails is still given out, then the error raised."""
+async def _joined(stream) -> AsyncIterator[tuple[list[str], bool, Any]]:
+    """One ``AsyncStream``'s deltas, those already waiting joined (texts per choice, in order),
+    with the last delta joined. Text read before the stream fails is still given out, then the
+    error raised."""
     texts: list[str] | None = None
+    last = None
     try:
         async for delta in stream:
+            last = delta
             if texts is None:
                 texts = delta.texts
             else:
                 texts = _concat(texts, delta.texts)
             if delta.finished or not stream.waiting():
-                yield texts, delta.finished
+                yield texts, delta.finished, delta
                 texts = None
     except Exception:
         if texts is not None:
-            yield texts, False
+            yield texts, False, last
         raise
 
 
