@@ -217,7 +217,8 @@ class PoolConfig:
     max_pending: int = 100_000
     max_crashes: int = 2
     heartbeat_interval: float = 0.5
-    heartbeat_timeout: float | None = None
+    heartbeat_timeout: float | None = None    # no heartbeat this long: the process is frozen or gone
+    step_timeout: float | None = None         # one engine call this long: the engine is hung
     ready_timeout: float | None = None
     shutdown_timeout: float = 30.0
     dispatcher_timeout: float = 30.0          # a worker that hears nothing for this long exits
@@ -254,6 +255,7 @@ class PoolConfig:
         _positive("max_crashes", self.max_crashes, integer=True)
         _positive("heartbeat_interval", self.heartbeat_interval)
         _positive("heartbeat_timeout", self.heartbeat_timeout, allow_none=True)
+        _positive("step_timeout", self.step_timeout, allow_none=True)
         _positive("ready_timeout", self.ready_timeout, allow_none=True)
         _positive("shutdown_timeout", self.shutdown_timeout, zero=True)
         _positive("dispatcher_timeout", self.dispatcher_timeout)

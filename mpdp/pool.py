@@ -117,6 +117,7 @@ class Pool:
                                                  max_crashes=config.max_crashes), admission,
                 heartbeat_interval=config.heartbeat_interval,
                 heartbeat_timeout=config.heartbeat_timeout or engine_cls.heartbeat_timeout,
+                step_timeout=config.step_timeout,
                 ready_timeout=config.ready_timeout or engine_cls.ready_timeout,
                 shutdown_timeout=config.shutdown_timeout)
         except BaseException:          # the endpoint could not be bound: nothing may stay behind

@@ -10,8 +10,11 @@ import pytest
 
 import mpdp
 
-# Short liveness settings: a hung engine is caught in about a second.
-FAST = dict(heartbeat_interval=0.1, heartbeat_timeout=1.0, shutdown_timeout=5.0)
+# Quick liveness settings: a hung engine (one echo step, normally microseconds, past 5 s) or a
+# frozen worker (no heartbeat for 5 s) is caught in seconds. Heartbeats come from a thread of the
+# worker's own every 0.1 s, so a loaded machine (load 7 on 2 cores) delays them by tenths of a
+# second, never seconds: these bounds are outcomes to wait for, not margins to race.
+FAST = dict(heartbeat_interval=0.1, heartbeat_timeout=5.0, step_timeout=5.0, shutdown_timeout=5.0)
 
 
 def live_children() -> set[psutil.Process]:
@@ -35,6 +38,12 @@ def wait_until(predicate, timeout: float, interval: float = 0.02, what: str = "c
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(interval)
+
+
+def restarts(pool) -> list[int]:
+    """Each worker's restarts so far. A test on a shared (module) pool compares these with what
+    they were when it began: another test's crash must not fail it."""
+    return [w["restarts"] for w in pool.stats()["workers"]]
 
 
 def full_size(pool) -> bool:

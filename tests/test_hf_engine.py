@@ -72,6 +72,15 @@ def solo(engine):
     return {i: drain(engine, [mixed_request(i)])[i][0] for i in range(len(MIXED))}
 
 
+def test_the_step_budget_is_generous_and_grows_with_the_work_of_a_step(engine):
+    from mpdp.engines.hf import step_budget
+
+    assert engine.step_timeout == 120.0            # SmolLM2-135M, 256 prefill tokens a step
+    assert step_budget(135_000_000, 256, 16) == 120.0
+    assert step_budget(7_000_000_000, 256, 16) == 7 * 120.0
+    assert step_budget(135_000_000, 1024, 16) == 4 * 120.0
+
+
 def test_resolve_model_names(folder, tmp_path):
     from mpdp.models import resolve_model
 

@@ -7,7 +7,7 @@ Data flow (one box per owner)::
     pool.submit() ─┐             ┌──────────────────────────────────┐
     pool.stream() ─┼▶ commands ─▶│ pending {id: Entry(future, sink)}│ SUBMIT  ┌─▶ DEALER ─ engine 0
     cancel()      ─┘  + wake fd  │ Scheduler (pure): credits, route,│─ROUTER─┼─▶ DEALER ─ engine 1
-                                 │   crash retries and suspects     │◀───────┴── RESULTS / HEARTBEAT
+                                 │   crash retries and suspects     │◀───────┴── RESULTS (HEARTBEAT: beat sockets)
     future.result() ◀─ set_result│ Supervisor: sentinels, restarts  │  (partial RESULTS → the sink)
                                  └──────────────────────────────────┘
 
@@ -42,7 +42,7 @@ import zmq
 from mpdp import errors
 from mpdp.core.admission import Admission, PoolState
 from mpdp.core.supervisor import Slot, SlotState, Supervisor, describe
-from mpdp.engines.base import EngineRequest, EngineResult
+from mpdp.engines.base import Engine, EngineRequest, EngineResult
 from mpdp.gcpause import gc_paused
 from mpdp.requests import Completion
 from mpdp.routing import Scheduler, Ticket
@@ -93,12 +93,13 @@ class PublishStats:
 class Dispatcher:
     def __init__(self, supervisor_factory, transport: Transport, scheduler: Scheduler, admission: Admission, *,
                  heartbeat_interval: float, heartbeat_timeout: float, ready_timeout: float,
-                 shutdown_timeout: float):
+                 shutdown_timeout: float, step_timeout: float | None = None):
         self.transport = transport
         self.scheduler = scheduler
         self.admission = admission
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
+        self.step_timeout = step_timeout         # None: each engine's own (from READY)
         self.ready_timeout = ready_timeout
         self.shutdown_timeout = shutdown_timeout
         self.start_error: BaseException | None = None
@@ -317,14 +318,18 @@ class Dispatcher:
                 continue
             try:
                 tag, body = protocol.decode(frames[1:])
+                if tag != Tag.HEARTBEAT and frames[0] == slot.beat_identity:
+                    raise errors.ProtocolError(f"a worker's beat socket may send only HEARTBEAT, not {tag.name}")
                 slot.last_seen = now
                 if tag == Tag.RESULTS:
                     self._on_results(slot, protocol.results_from_wire(body), now)
                 elif tag == Tag.READY:
                     self._on_ready(slot, protocol.Ready.from_wire(body), now)
+                elif tag == Tag.HEARTBEAT:
+                    self._on_heartbeat(slot, protocol.Heartbeat.from_wire(body), now)
                 elif tag == Tag.DEAD:
                     slot.last_error = str(body.get("error", "")) if isinstance(body, dict) else str(body)
-                elif tag != Tag.HEARTBEAT:
+                else:
                     raise errors.ProtocolError(f"a worker may not send {tag.name}")
             except errors.ProtocolError as exc:
                 # A protocol violation drops the peer (the Majordomo rule): it is killed and
@@ -336,10 +341,17 @@ class Dispatcher:
 
     def _identify(self, identity: bytes) -> Slot | None:
         for slot in self.slots:
-            if slot.identity == identity and slot.alive:
-                self._by_identity = {s.identity: s for s in self.slots if s.alive}
+            if identity in (slot.identity, slot.beat_identity) and slot.alive:
+                self._by_identity = {i: s for s in self.slots if s.alive for i in (s.identity, s.beat_identity)}
                 return slot
         return None
+
+    def _on_heartbeat(self, slot: Slot, beat: protocol.Heartbeat, now: float) -> None:
+        # busy_s is a duration: the worker's clock may be another machine's. A heartbeat late in
+        # this socket only makes the call look younger, never a slow engine look hung.
+        slot.steps = beat.steps
+        slot.call = beat.call
+        slot.call_since = now - beat.busy_s
 
     def _on_ready(self, slot: Slot, ready: protocol.Ready, now: float) -> None:
         if slot.state != SlotState.STARTING:
@@ -351,6 +363,7 @@ class Dispatcher:
         slot.capacity = ready.capacity
         slot.max_model_len = ready.max_model_len
         slot.kv_cache_tokens = ready.kv_cache_tokens
+        slot.step_timeout = self.step_timeout or ready.step_timeout or Engine.step_timeout
         slot.node = ready.node or slot.node
         self.scheduler.add_worker(slot.index, slot.capacity, ready.to_wire())
         log.info("mpdp: worker %d ready (pid %s, capacity %d) after %.1fs",
@@ -397,6 +410,7 @@ class Dispatcher:
         was_starting = slot.state == SlotState.STARTING
         cause = self.supervisor.reap(slot, now)
         self._by_identity.pop(slot.identity, None)
+        self._by_identity.pop(slot.beat_identity, None)
         log.warning("mpdp: %s", cause)
         _, failed = self.scheduler.worker_died(slot.index)
         if failed:
@@ -417,13 +431,22 @@ class Dispatcher:
         serving = self.state in (PoolState.RUNNING, PoolState.DRAINING, PoolState.STARTING)
         for slot in self.slots:
             if slot.state == SlotState.READY:
+                # Liveness and progress apart (worker/beat.py): heartbeats keep coming while an
+                # engine computes, so silence means the process is frozen or gone, and only one
+                # engine call past its step_timeout means a hung engine. Slow is neither.
                 if now - slot.last_seen > self.heartbeat_timeout:
-                    self.supervisor.kill(slot, f"no heartbeat for {now - slot.last_seen:.1f}s "
-                                               f"(hung engine? heartbeat_timeout={self.heartbeat_timeout:g})")
+                    self.supervisor.kill(slot, f"no heartbeat for {now - slot.last_seen:.1f}s: its process is "
+                                               f"frozen or gone (heartbeat_timeout={self.heartbeat_timeout:g})")
                     slot.last_seen = now          # kill once; the sentinel reports the death
+                elif slot.call is not None and now - slot.call_since > slot.step_timeout:
+                    step = f" (step {slot.steps})" if slot.call == "step" else ""
+                    self.supervisor.kill(slot, f"its engine's {slot.call}{step} ran for {now - slot.call_since:.0f}s "
+                                               f"without returning: a hung engine (step_timeout="
+                                               f"{slot.step_timeout:g}; raise it if its steps are just slow)")
+                    slot.call = None              # kill once
                 elif now - slot.last_ping >= self.heartbeat_interval:
                     slot.last_ping = now          # the worker's proof that its dispatcher lives
-                    self._send(slot, Tag.PING, {})
+                    self._send_frames(slot, protocol.encode(Tag.PING, {}), slot.beat_identity)
             elif slot.state == SlotState.STARTING and now - slot.started_at > self.ready_timeout:
                 self.supervisor.kill(slot, f"not READY within ready_timeout={self.ready_timeout:g}s "
                                            "(raise ready_timeout if the model is just slow to load)")
@@ -472,9 +495,9 @@ class Dispatcher:
     def _send(self, slot: Slot, tag: Tag, body) -> None:
         self._send_frames(slot, protocol.encode(tag, body))
 
-    def _send_frames(self, slot: Slot, frames: list[bytes]) -> None:
+    def _send_frames(self, slot: Slot, frames: list[bytes], identity: bytes | None = None) -> None:
         try:
-            self._router.send_multipart([slot.identity, *frames])
+            self._router.send_multipart([identity or slot.identity, *frames])
         except zmq.ZMQError as exc:
             # The worker vanished between its death and our noticing: its sentinel will fire
             # and its in-flight requests will be retried then.
@@ -531,6 +554,9 @@ class Dispatcher:
             w["outstanding_tokens"] = load.outstanding if load else 0
             if routing_stats is not None:
                 w.update(routing_stats(s.index))
+            # What its engine is doing, as its last heartbeat said: a slow worker shows here.
+            w["engine_call"] = s.call
+            w["busy_s"] = round(now - s.call_since, 3) if s.call is not None and s.alive else 0.0
             workers.append(w)
         self.snapshot = {"workers": workers, "pending": len(self._pending),
                          "waiting": self.scheduler.num_waiting, "dropped_frames": self.dropped_frames}

@@ -25,6 +25,7 @@ from typing import Any
 
 from mpdp.errors import describe_exit
 from mpdp.launch.base import Launcher, WorkerHandle
+from mpdp.wire.protocol import BEAT_SUFFIX
 from mpdp.worker.spec import WorkerSpec
 
 log = logging.getLogger("mpdp")
@@ -50,6 +51,7 @@ class Slot:
     state: SlotState = SlotState.DEAD
     handle: WorkerHandle | None = None
     identity: bytes = b""
+    beat_identity: bytes = b""      # its beat thread's socket (HEARTBEAT out, PING in)
     incarnation: int = -1
     started_at: float = 0.0
     ready_at: float = 0.0
@@ -62,6 +64,12 @@ class Slot:
     max_model_len: int | None = None
     kv_cache_tokens: int | None = None
     node: str | None = None
+    # Its engine's progress, from the last HEARTBEAT: steps begun, the call in progress (None:
+    # idle) and since when on this clock; and how long one call may run (from READY or the pool).
+    steps: int = 0
+    call: str | None = None
+    call_since: float = 0.0
+    step_timeout: float = 0.0
     last_error: str = ""            # from the worker's DEAD message, or why it was killed
     exit_reason: str = ""
     # what it served, over all incarnations
@@ -140,6 +148,8 @@ class Supervisor:
             curve=self.curve, env=self.launch.env, token=self.token,
             cleanup_paths=self.cleanup_paths)
         slot.identity = spec.identity
+        slot.beat_identity = spec.identity + BEAT_SUFFIX
+        slot.steps, slot.call = 0, None
         slot.last_error = slot.exit_reason = ""
         try:
             slot.handle = self.launcher.launch(spec, f"worker{slot.index}.{slot.incarnation}.log")
@@ -214,5 +224,5 @@ def describe(slot: Slot) -> dict[str, Any]:
             "prefix_hit_rate": (round(slot.cached_tokens / slot.prompt_tokens, 4)
                                 if slot.cached_tokens is not None and slot.prompt_tokens else None),
             "restarts": slot.restarts, "max_model_len": slot.max_model_len,
-            "kv_cache_tokens": slot.kv_cache_tokens,
+            "kv_cache_tokens": slot.kv_cache_tokens, "steps": slot.steps, "step_timeout": slot.step_timeout,
             "first_dispatch": slot.first_dispatch, "last_result": slot.last_result}

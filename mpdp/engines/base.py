@@ -9,9 +9,12 @@ A worker owns exactly one engine and runs this loop (see ``mpdp/worker.py``)::
             for result in engine.step():   # finished requests, and partial ones that stream
                 send result back at once
 
-``step()`` must be short (one decoding step, or a few milliseconds of work): the worker
-answers heartbeats and takes new micro-batches between steps, so new requests join the
-running batch while it generates. Engines never touch sockets.
+``step()`` should be short (one decoding step, or a few milliseconds of work): the worker
+takes new micro-batches between steps, so new requests join the running batch while it
+generates. A long step is slow, not hung: the worker's heartbeats come from a thread of their
+own and keep coming while the engine computes (``mpdp/worker/beat.py``). What counts as hung
+is one engine call (``add``, ``step`` or ``abort``) running past the engine's ``step_timeout``:
+the worker is then killed and restarted, and its requests retried. Engines never touch sockets.
 """
 
 from __future__ import annotations
@@ -132,7 +135,14 @@ class Engine(abc.ABC):
     loads_weights: ClassVar[bool] = False
     uses_gpu: ClassVar[bool] = False            # workers are placed on GPUs (num_gpus, gpus=)
     ready_timeout: ClassVar[float] = 60.0       # default seconds to become READY
-    heartbeat_timeout: ClassVar[float] = 10.0   # default silence after which a worker is hung
+    # Default silence after which a worker's process counts as frozen or gone. Heartbeats come
+    # from their own thread, so this is about the process (SIGSTOP, swapped out), never a slow step.
+    heartbeat_timeout: ClassVar[float] = 10.0
+    # Default seconds one engine call (add, step, abort) may run before the engine counts as
+    # hung: generous, many times the longest step the engine plans on a loaded machine. An
+    # engine may set it per instance (from its model's size); READY carries it to the pool;
+    # the pool's step_timeout= overrides it.
+    step_timeout: float = 120.0
     # The sampling keywords it honours; any other is refused at submit, naming the engine.
     sampling_fields: ClassVar[frozenset[str]] = frozenset({
         "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "presence_penalty",

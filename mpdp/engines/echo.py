@@ -10,6 +10,8 @@ one character counts as one token (with ``logprobs``: each of logprob 0). Option
 - ``faults``: when true, a prompt ``"!fault:<kind>"`` makes the engine fail in that way, so the
   failure tests can crash a real worker: ``exit`` (``os._exit(3)``), ``kill`` (SIGKILL itself),
   ``segv`` (SIGSEGV itself), ``raise`` (an exception in ``step``), ``hang`` (``step`` never returns),
+  ``slow:<seconds>`` (one ``step`` computes that long in Python, holding the GIL as pure Python
+  code does, then the request is echoed: a slow engine, which must not be taken for a hung one),
   ``reject`` (``add`` raises ValueError: a bad request, not a crash), ``addfail`` (``add`` raises
   an exception of no standard class, as vLLM's own request errors are: still the request's
   failure alone), ``badresult`` (``step``
@@ -43,6 +45,7 @@ class EchoAddError(Exception):
 
 class EchoEngine(Engine):
     name = "echo"
+    step_timeout = 30.0     # its steps take microseconds (they sleep at most 2 ms)
 
     def __init__(self, model: str, options: dict, placement: WorkerPlacement):
         super().__init__(model, options, placement)
@@ -97,6 +100,9 @@ class EchoEngine(Engine):
         heapq.heappush(self._due, (due, request.id))
 
     def step(self) -> list[EngineResult]:
+        if self._pending_fault and self._pending_fault.startswith("slow:"):
+            _compute(float(self._pending_fault[len("slow:"):]))
+            self._pending_fault = None
         if self._pending_fault:
             _fail(self._pending_fault)
         if self._bad_results:
@@ -165,6 +171,14 @@ def _echo(req: EngineRequest) -> EngineResult:
         logprobs = [records] * n
     return EngineResult(id=req.id, texts=[out] * n, finish_reasons=[reason] * n,
                         prompt_tokens=len(text), completion_tokens=len(out) * n, logprobs=logprobs)
+
+
+def _compute(seconds: float) -> None:
+    """Busy Python code for ``seconds``: no sleep, no native call that would release the GIL."""
+    end = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < end:
+        n += sum(range(1000))
 
 
 def _fail(kind: str) -> None:

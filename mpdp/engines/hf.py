@@ -12,10 +12,15 @@ in differently shaped matmuls could ever tell them apart).
 
 Prefill is chunked: one ``step()`` prefills at most ``max_prefill_tokens`` (rows x columns,
 padding included), so a long prompt (7,000 tokens: ~14 s in one step on 2 cores, ~18 s in
-steps of at most 2 s with a budget of 512) is many short steps and the worker keeps sending
-heartbeats between them; a step that never returns still goes silent and is caught as a hang.
-The default budget, 256, leaves room for a machine whose cores other processes also use
+steps of at most 2 s with a budget of 512) is many short steps, and new requests join between
+them. The default budget, 256, leaves room for a machine whose cores other processes also use
 (torch's threads then slow down several times).
+
+Step budget (``step_timeout``, after which one call counts as a hung engine): 120 s per 256
+tokens of work a step may do (``max(max_prefill_tokens, max_batch_size)``) per billion
+parameters (at least 1 of each): 120 s for SmolLM2-135M with the defaults, whose steps take
+~0.1-0.5 s on 2 quiet cores. Heartbeats come from their own thread, so a slow step is never
+taken for a dead worker.
 
 Params: max_tokens (default 16; ``None`` = up to the context limit), temperature (default 1.0
 as in vLLM; 0, or below 1e-5 as vLLM rounds it, = greedy argmax), top_p, top_k, n, seed, stop,
@@ -92,11 +97,19 @@ class _Row:
     sent: int = 0        # characters already streamed
 
 
+def step_budget(parameters: int, max_prefill_tokens: int, max_batch_size: int) -> float:
+    """Seconds one engine call may run before it counts as hung (see the module docstring)."""
+    billions = parameters / 1e9
+    work = max(max_prefill_tokens, max_batch_size) / 256
+    return HFEngine.step_timeout * max(1.0, billions) * max(1.0, work)
+
+
 class HFEngine(Engine):
     name = "hf"
 
     loads_weights = True
     ready_timeout = 300.0            # the first start converts the embedded GGUF file
+    step_timeout = 120.0             # the least; scaled per instance (see the module docstring)
 
     def __init__(self, model: str, options: dict[str, Any], placement: WorkerPlacement):
         super().__init__(model, options, placement)
@@ -130,6 +143,8 @@ class HFEngine(Engine):
         config = self.hf_model.config
         self.max_batch_size = _positive(self.options, "max_batch_size", 16)
         self.max_prefill_tokens = _positive(self.options, "max_prefill_tokens", 256)
+        self.step_timeout = step_budget(sum(p.numel() for p in self.hf_model.parameters()),
+                                        self.max_prefill_tokens, self.max_batch_size)
         self._max_len = int(self.options.get("max_model_len") or config.max_position_embeddings)
         self.vocab_size = config.vocab_size
         eos = self.hf_model.generation_config.eos_token_id

@@ -55,7 +55,10 @@ class VLLMEngine(Engine):
     uses_gpu = True
     publishes_kv_events = True       # its KV-cache events feed cache-aware routing (core/kv_events.py)
     ready_timeout = 900.0            # weights, torch.compile and CUDA graphs
-    heartbeat_timeout = 60.0         # a step can wait on a long prefill or a compile
+    # Heartbeats come from their own thread, but it needs the GIL, which vLLM's Python-heavy
+    # in-process step and its native calls were not measured to hand over promptly: kept long.
+    heartbeat_timeout = 60.0
+    step_timeout = 600.0             # a step can wait on a long prefill or a compile of a new shape
 
     def __init__(self, model: str, options: dict[str, Any], placement: WorkerPlacement):
         super().__init__(model, options, placement)

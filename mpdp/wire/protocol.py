@@ -7,10 +7,16 @@ every record is checked on the way in (a malformed one is a ProtocolError, never
 
     worker -> dispatcher                      dispatcher -> worker
     READY      Ready {index, pid, capacity..} SUBMIT    [request, ...]   (a micro-batch)
-    HEARTBEAT  {steps}                        ABORT     [request_id, ...]
+    HEARTBEAT  Heartbeat {steps, call, busy_s} ABORT    [request_id, ...]
     RESULTS    [result, ...]                  PING      {}   (the dispatcher is alive)
     DEAD       {error}   (sent before exiting SHUTDOWN  {}
                on an engine failure)
+
+A worker speaks over two DEALER sockets, each owned by one thread: its data socket (READY,
+RESULTS, DEAD; SUBMIT, ABORT, SHUTDOWN) and its beat socket (HEARTBEAT; PING), whose identity
+is the data socket's plus ``BEAT_SUFFIX``. Liveness (the process runs) and progress (its
+engine's current call returns) are separate facts: HEARTBEATs keep coming while an engine step
+computes, and say which call the engine is in and for how long.
 
 Requests and results travel as msgpack arrays in a fixed field order (positional, like
 vLLM's array-like structs: smaller and faster than maps). A list of records larger than
@@ -46,6 +52,9 @@ class Tag(enum.IntEnum):
 # A frame larger than this is refused on receipt (and by ZMQ_MAXMSGSIZE on the sockets).
 MAX_FRAME_BYTES = 64 * 2**20
 
+# The beat socket's identity is the worker's identity plus this (see the module docstring).
+BEAT_SUFFIX = b"+beat"
+
 _HEADERS = {tag: bytes((VERSION, tag)) for tag in Tag}
 _TAGS = {int(t): t for t in Tag}
 
@@ -62,6 +71,7 @@ class Ready:
     gpus: list | None = None
     kv_cache_tokens: int | None = None        # what the engine's KV cache holds (vLLM)
     node: str | None = None                   # the host it runs on (for launchers across machines)
+    step_timeout: float | None = None         # the engine's budget for one call (Engine.step_timeout)
     extra: dict = field(default_factory=dict)
 
     def to_wire(self) -> dict:
@@ -77,7 +87,39 @@ class Ready:
             raise ProtocolError(f"bad READY: {exc}") from None
         if not (_is_int(ready.index) and _is_int(ready.pid) and _is_int(ready.capacity)):
             raise ProtocolError("READY index, pid and capacity must be ints")
+        budget = ready.step_timeout
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                                   or not budget > 0):
+            raise ProtocolError(f"READY step_timeout must be a number > 0, not {budget!r}")
         return ready
+
+
+ENGINE_CALLS = ("add", "step", "abort")
+
+
+@dataclass(slots=True, frozen=True)
+class Heartbeat:
+    """A worker's liveness and its engine's progress: how many steps have returned, and the
+    engine call in progress (``call``, one of ENGINE_CALLS, or None when the engine is idle)
+    with the seconds it has run so far (a duration: the two machines' clocks never meet)."""
+
+    steps: int = 0
+    call: str | None = None
+    busy_s: float = 0.0
+
+    def to_wire(self) -> dict:
+        return {"steps": self.steps, "call": self.call, "busy_s": self.busy_s}
+
+    @classmethod
+    def from_wire(cls, body: Any) -> "Heartbeat":
+        if not isinstance(body, dict):
+            raise ProtocolError(f"HEARTBEAT body must be a map, not {type(body).__name__}")
+        steps, call, busy = body.get("steps", 0), body.get("call"), body.get("busy_s", 0.0)
+        if not _is_int(steps) or call not in (None, *ENGINE_CALLS) or isinstance(busy, bool) \
+                or not isinstance(busy, (int, float)) or not busy >= 0:
+            raise ProtocolError(f"bad HEARTBEAT {body!r}: steps must be an int, call one of "
+                                f"{ENGINE_CALLS} or None, busy_s a number >= 0")
+        return cls(steps, call, float(busy))
 
 
 def _is_int(v: Any) -> bool:

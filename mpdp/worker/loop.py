@@ -1,18 +1,22 @@
-"""The worker process: one engine, one DEALER socket, one loop.
+"""The worker process: one engine, one DEALER socket, one loop that drives it (and a beat thread).
 
-    dispatcher ──SUBMIT/ABORT/PING/SHUTDOWN──▶ DEALER ─▶ engine.add / engine.abort
-    dispatcher ◀──RESULTS/HEARTBEAT─────────── DEALER ◀─ engine.step() (finished, and partials that stream)
+    dispatcher ──SUBMIT/ABORT/SHUTDOWN──▶ DEALER ─▶ engine.add / engine.abort
+    dispatcher ◀──RESULTS───────────────── DEALER ◀─ engine.step() (finished, and partials that stream)
+    dispatcher ◀─HEARTBEAT / PING─▶ beat DEALER (worker/beat.py: its own thread)
 
-The loop is single-threaded on purpose (as in the ZeroMQ guide's Paranoid Pirate worker):
-a heartbeat leaves only between engine steps, so a hung engine goes silent and the
-dispatcher's heartbeat expiry catches it, just like a dead process. New micro-batches are
-read between steps, so they join the running batch while the engine generates.
+The engine is driven by this one loop: new micro-batches are read between steps, so they
+join the running batch while the engine generates. Heartbeats leave from a thread of their
+own (``worker/beat.py``), so a long step never silences a live worker; they say which engine
+call is running and for how long, which is how the dispatcher tells a hung engine (one call
+past the engine's ``step_timeout``) from a slow one, and a frozen or dead process (no
+heartbeat at all) from both.
 
 A worker never outlives its pool and never leaves GPU memory held: it runs in its own
 process group (the launcher kills the whole group, engine subprocesses included); a local
 worker's watch thread kills that group when the parent process dies; and every worker exits
 when the dispatcher has been silent for ``dispatcher_timeout`` (the dispatcher PINGs each
-worker every heartbeat interval), which is what frees a remote worker whose driver is gone.
+worker's beat thread every heartbeat interval), which is what frees a remote worker whose
+driver is gone.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import traceback
 
 from mpdp.wire import protocol
 from mpdp.wire.protocol import Tag
+from mpdp.worker.beat import Beat, Progress
 from mpdp.worker.spec import WorkerSpec
 
 
@@ -52,41 +57,33 @@ def worker_main(spec: WorkerSpec) -> None:
         engine = engine_class(spec.engine)(spec.model, spec.engine_options, placement)
     except BaseException:
         _die(sock, "engine failed to start:\n" + traceback.format_exc(), code=2)
+    progress = Progress()
+    beat = Beat(ctx, spec, progress)
+    beat.start()
     ready = protocol.Ready(
         index=spec.index, pid=os.getpid(), capacity=engine.capacity, engine=spec.engine,
         max_model_len=engine.max_model_len, gpus=spec.gpus,
         kv_cache_tokens=getattr(engine, "kv_cache_tokens", None), node=os.uname().nodename,
-        extra=getattr(engine, "ready_extra", None) or {})
+        extra=getattr(engine, "ready_extra", None) or {}, step_timeout=engine.step_timeout)
     sock.send_multipart(protocol.encode(Tag.READY, ready.to_wire()))
     try:
-        _serve(sock, engine, spec.heartbeat_interval, spec.dispatcher_timeout)
-    except _DispatcherSilent as exc:
-        print(f"mpdp worker {spec.index}: {exc}; exiting", file=sys.stderr, flush=True)
-        os.killpg(os.getpgid(0), signal.SIGKILL)
+        _serve(sock, engine, progress, spec.heartbeat_interval)
     except BaseException:
         _die(sock, "engine loop failed:\n" + traceback.format_exc(), code=1)
+    beat.stop()
     engine.close()
     sock.close(linger=1000)            # let the last frames leave
     ctx.term()
 
 
-class _DispatcherSilent(Exception):
-    pass
-
-
-def _serve(sock, engine, heartbeat_interval: float, dispatcher_timeout: float) -> None:
+def _serve(sock, engine, progress: Progress, heartbeat_interval: float) -> None:
     import zmq
     from mpdp.engines.base import EngineResult
 
     poll_ms = int(heartbeat_interval * 1000)
-    now = time.monotonic()
-    next_beat = now + heartbeat_interval
-    last_heard = now
-    steps = 0
     while True:
         out: list[EngineResult] = []
         if sock.poll(0 if engine.has_unfinished() else poll_ms):
-            last_heard = time.monotonic()
             while True:                # drain everything that has arrived
                 try:
                     frames = sock.recv_multipart(zmq.NOBLOCK)
@@ -95,25 +92,20 @@ def _serve(sock, engine, heartbeat_interval: float, dispatcher_timeout: float) -
                 try:
                     tag, body = protocol.decode(frames)
                     if tag == Tag.SUBMIT:
-                        _add_all(engine, protocol.submit_items(body), out)
+                        with progress.running("add"):
+                            _add_all(engine, protocol.submit_items(body), out)
                     elif tag == Tag.ABORT:
-                        engine.abort(protocol.abort_ids(body))
+                        with progress.running("abort"):
+                            engine.abort(protocol.abort_ids(body))
                     elif tag == Tag.SHUTDOWN:
                         return
                 except protocol.ProtocolError as exc:
                     print(f"mpdp worker: dropped a bad frame: {exc}", file=sys.stderr)
         if engine.has_unfinished():
-            out.extend(engine.step())
-            steps += 1
+            with progress.running("step"):
+                out.extend(engine.step())
         if out:
             _send_results(sock, out)
-        now = time.monotonic()
-        if now >= next_beat:
-            sock.send_multipart(protocol.encode(Tag.HEARTBEAT, {"steps": steps}))
-            next_beat = now + heartbeat_interval
-            if now - last_heard > dispatcher_timeout:
-                raise _DispatcherSilent(f"no word from the dispatcher for {now - last_heard:.0f}s "
-                                        f"(dispatcher_timeout={dispatcher_timeout:g})")
 
 
 def _add_all(engine, items: list, out: list) -> None:
