@@ -131,7 +131,7 @@ def test_a_start_error_carries_the_traceback_once():
 
 _HOLDER = textwrap.dedent("""
     import sys, time, mpdp
-    pool = mpdp.Pool(engine="echo", num_workers=2, heartbeat_interval=0.1, heartbeat_timeout=1.0,
+    pool = mpdp.Pool(engine="echo", num_workers=2, heartbeat_interval=0.1, heartbeat_timeout=5.0,
                      engine_options={"delay_s": 30})
     futures = [pool.submit("held") for _ in range(4)]
     print("ready", flush=True)

@@ -54,13 +54,13 @@ def test_a_done_callback_may_call_the_pool_even_when_it_is_full(make_pool):
 
 @pytest.mark.timeout(60)
 def test_a_blocking_callback_neither_stalls_the_pool_nor_kills_workers(make_pool):
-    pool = make_pool()                                           # heartbeat_timeout 1 s
+    pool = make_pool(heartbeat_timeout=2.0)                      # 20 heartbeats' worth of silence
     release = threading.Event()
     first = pool.submit("slow callback")
-    first.add_done_callback(lambda _: release.wait(4))           # 4x the heartbeat timeout
+    first.add_done_callback(lambda _: release.wait(8))           # 4x the heartbeat timeout
     first.result(timeout=10)
     assert [pool.submit(f"x{i}").result(timeout=10).text for i in range(20)] == [f"x{i}" for i in range(20)]
-    time.sleep(2.0)                                              # past the heartbeat timeout
+    time.sleep(3.0)                                              # past the heartbeat timeout
     release.set()
     assert restarts(pool) == 0
 
