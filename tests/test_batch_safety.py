@@ -176,6 +176,16 @@ def test_a_bad_line_in_a_pipe_is_named_as_the_user_gave_it(tmp_path):
     assert "--input -: line 3 is not JSON" in err and "/proc" not in err and "mpdp-input" not in err
 
 
+def test_a_closed_standard_input_is_said_to_be_closed(tmp_path):
+    """Not read as whatever file took descriptor 0 (the output, once it is opened to be locked)."""
+    out = tmp_path / "o.jsonl"
+    proc = subprocess.run(["bash", "-c", 'exec "$0" -m mpdp.cli generate --input - --output "$1" '
+                           '--engine echo <&-', sys.executable, str(out)], cwd=ROOT, env=env_for(tmp_path),
+                          capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 2 and "standard input is closed" in proc.stderr, proc.stderr
+    assert not out.exists()
+
+
 def test_sigint_while_a_pipe_is_read_leaves_no_copy(tmp_path):
     out = tmp_path / "out.jsonl"
     proc = start(tmp_path, "--input", "-", "--output", str(out), *ECHO)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import shutil
 import stat
 import sys
 import tempfile
@@ -32,6 +31,8 @@ STDIN = "-"
 # -- the output is not the input --------------------------------------------------------------------
 def refuse_same_file(input_name: str, output: str) -> None:
     """UsageError when ``output`` names the file ``input_name`` names (by device and inode)."""
+    if input_name == STDIN and sys.stdin is None:      # closed: readable_input says so
+        return
     try:
         src = os.fstat(0) if input_name == STDIN else os.stat(input_name)
         dst = os.stat(output)
@@ -179,23 +180,42 @@ def readable_input(name: str) -> Input:
             return Input(name, name)
         if not (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISSOCK(mode)):
             return Input(name, name)
-    fd, temp = tempfile.mkstemp(prefix="mpdp-input-", suffix=".jsonl")
-    copy = Input(name, temp, fd, temp)
+    if name == STDIN and sys.stdin is None:   # fd 0 was closed when Python started: 0 may be any file now
+        raise UsageError("cannot read --input -: standard input is closed")
     try:
-        reopen = f"/proc/self/fd/{fd}"
-        if os.path.exists(reopen):             # readable by that name while open: unlink it now
-            os.unlink(temp)
-            copy.path, copy._temp = reopen, None
-        with open(fd, "wb", closefd=False) as sink:
-            if name == STDIN:
-                shutil.copyfileobj(sys.stdin.buffer, sink, 1 << 20)
-            else:
-                try:
-                    with open(name, "rb") as source:
-                        shutil.copyfileobj(source, sink, 1 << 20)
-                except OSError as exc:
-                    raise UsageError(f"cannot read --input {name}: {exc.strerror or exc}") from None
-    except BaseException:                      # SIGINT (Stop), a full disk, a read error: no copy left
-        copy.close()
-        raise
+        source = open(0 if name == STDIN else name, "rb", closefd=name != STDIN)
+    except OSError as exc:
+        raise UsageError(f"cannot read --input {name}: {exc.strerror or exc}") from None
+    with source:
+        try:
+            fd, temp = tempfile.mkstemp(prefix="mpdp-input-", suffix=".jsonl")
+        except OSError as exc:
+            raise UsageError(f"cannot copy --input {name}: no temporary file in {tempfile.gettempdir()} "
+                             f"({exc.strerror or exc}); set TMPDIR") from None
+        copy = Input(name, temp, fd, temp)
+        try:
+            reopen = f"/proc/self/fd/{fd}"
+            if os.path.exists(reopen):         # readable by that name while open: unlink it now
+                os.unlink(temp)
+                copy.path, copy._temp = reopen, None
+            with open(fd, "wb", closefd=False) as sink:
+                _copy(name, source, sink)
+        except BaseException:                  # SIGINT (Stop), a full disk, a read error: no copy left
+            copy.close()
+            raise
     return copy
+
+
+def _copy(name: str, source, sink) -> None:
+    while True:
+        try:
+            chunk = source.read(1 << 20)
+        except OSError as exc:
+            raise UsageError(f"cannot read --input {name}: {exc.strerror or exc}") from None
+        if not chunk:
+            return
+        try:
+            sink.write(chunk)
+        except OSError as exc:
+            raise UsageError(f"cannot copy --input {name} into {tempfile.gettempdir()}: "
+                             f"{exc.strerror or exc} (set TMPDIR to a folder with room)") from None
