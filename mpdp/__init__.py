@@ -7,19 +7,25 @@
 
 from mpdp.errors import (ContextWindowExceededError, EngineError, MpdpError, PoolBroken, PoolClosed,
                          ProtocolError, RequestTimeout, WorkerCrashed, WorkerStartError)
-from mpdp.config import PoolConfig, SamplingParams
-from mpdp.pool import DEFAULT_MODEL, Delta, Pool, Stream
+from mpdp.config import DEFAULT_MODEL, TO_CONTEXT, PoolConfig, SamplingParams
+from mpdp.pool import Delta, Pool, Stream
 from mpdp.requests import Completion
 from mpdp.wire.transport import CurveKeys, Transport
 
 __version__ = "0.1.0"
 
-__all__ = ["Pool", "PoolConfig", "SamplingParams", "Stream", "Delta", "Completion", "DEFAULT_MODEL", "Transport", "CurveKeys", "MpdpError", "PoolClosed",
+__all__ = ["Pool", "PoolConfig", "SamplingParams", "Stream", "Delta", "Completion", "DEFAULT_MODEL", "TO_CONTEXT", "Transport", "CurveKeys", "MpdpError", "PoolClosed",
            "PoolBroken", "WorkerStartError", "WorkerCrashed", "RequestTimeout", "EngineError",
            "ContextWindowExceededError", "ProtocolError", "vLLMOfflineMultiGPU", "vLLMOffline", "serve", "create_app"]
 
 
 def __getattr__(name):
+    # ``import mpdp`` then ``mpdp.dspy.LM(...)``: the DSPy integration, imported on first use
+    # (importing DSPy takes seconds; a pool alone never needs it).
+    if name == "dspy":
+        import importlib
+
+        return importlib.import_module("mpdp.dspy")
     # The seed's names, imported on first use (they pull in DSPy).
     if name in ("vLLMOfflineMultiGPU", "vLLMOffline"):
         from mpdp import compat

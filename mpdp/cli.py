@@ -38,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:            # --help (0) or a usage mistake (2): the exit code, as run()'s
+        return exc.code if isinstance(exc.code, int) else 2
     return args._run(args)
 
 

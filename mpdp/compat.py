@@ -29,15 +29,15 @@ import time
 from collections import Counter
 from typing import Any
 
-from mpdp.integrations.dspy import AUTO, DEFAULT_MODEL, LM, _EngineBase, resolve_defaults, split_reasoning
+from mpdp.config import DEFAULT_MODEL, SAMPLING, PoolConfig
+from mpdp.defaults import sampling_defaults
 from mpdp.engines import engine_class
+from mpdp.integrations.dspy import AUTO, LM, _EngineBase, split_reasoning
 
 logger = logging.getLogger("mpdp")
 
 __all__ = ["vLLMOfflineMultiGPU", "vLLMOffline"]
 
-# The DSPy call keywords the pool does not take as sampling (dropped by batch_generate).
-_NOT_POOL_SAMPLING = frozenset({"rollout_id", "reasoning_effort", "top_logprobs", "num_retries", "cache"})
 
 
 class vLLMOfflineMultiGPU(LM):  # noqa: N801 - the seed's name
@@ -45,16 +45,23 @@ class vLLMOfflineMultiGPU(LM):  # noqa: N801 - the seed's name
 
     ``gpu_memory_utilization``, ``max_model_len``, ``max_num_seqs`` and ``trust_remote_code`` go to
     vLLM; on the CPU fallback they are ignored. ``model`` defaults to ``$MPDP_MODEL``, then the
-    seed's ``$VLLM_MODEL_PATH``, then the embedded SmolLM2-135M-Instruct.
+    seed's ``$VLLM_MODEL_PATH``, then the embedded SmolLM2-135M-Instruct. Every other
+    ``PoolConfig`` field is a keyword too (``routing``, ``max_pending``, ``launcher``, ...), or
+    give ``config=PoolConfig(...)``, whose fields the seed's arguments given here override.
     """
 
-    def __init__(self, model: str | None = None, num_gpus: int = 4, gpu_memory_utilization: float = 0.9,
+    def __init__(self, model: str | None = None, num_gpus: int | None = None, gpu_memory_utilization: float = 0.9,
                  max_model_len: int | None = None, max_tokens: int | None = AUTO, temperature: float | None = AUTO,
-                 top_p: float | None = AUTO, tensor_parallel_size: int = 1, *, engine: str | None = None,
+                 top_p: float | None = AUTO, tensor_parallel_size: int | None = None, *, engine: str | None = None,
                  num_workers: int | None = None, max_num_seqs: int | None = None,
                  trust_remote_code: bool | None = None, engine_options: dict[str, Any] | None = None,
-                 **kw):
+                 config: PoolConfig | None = None, **kw):
         from mpdp.pool import default_engine
+
+        base = config or PoolConfig()
+        num_gpus = num_gpus or base.num_gpus or 4               # the seed's default: 4 GPUs
+        tensor_parallel_size = tensor_parallel_size or base.tensor_parallel_size
+        num_workers = num_workers or base.num_workers
 
         self.requested_gpus = num_gpus
         if isinstance(engine, _EngineBase):      # loading a saved program: the engines come built
@@ -63,10 +70,11 @@ class vLLMOfflineMultiGPU(LM):  # noqa: N801 - the seed's name
             super().__init__(model, engine=engine, temperature=temperature, max_tokens=max_tokens, top_p=top_p,
                              **kw)
             return
-        model = model or os.environ.get("MPDP_MODEL") or os.environ.get("VLLM_MODEL_PATH") or DEFAULT_MODEL
-        engine = engine or default_engine()
+        model = model or (config.model if config else None) or os.environ.get("MPDP_MODEL") \
+            or os.environ.get("VLLM_MODEL_PATH") or DEFAULT_MODEL
+        engine = engine or base.engine or default_engine()
         temperature, max_tokens, top_p = _seed_defaults(engine, temperature, max_tokens, top_p)
-        options = dict(engine_options or {})
+        options = {**base.engine_options, **(engine_options or {})}
         on_gpus = engine_class(engine).uses_gpu
         if on_gpus:
             vllm_options = {"gpu_memory_utilization": gpu_memory_utilization, "max_model_len": max_model_len,
@@ -76,8 +84,9 @@ class vLLMOfflineMultiGPU(LM):  # noqa: N801 - the seed's name
         else:
             # No GPU: as many CPU workers as the GPUs asked for (one per core at most).
             replicas = max(1, num_gpus // max(1, tensor_parallel_size))
-            placement = {"num_workers": num_workers or max(1, min(replicas, os.cpu_count() or 1))}
-        super().__init__(model, engine=engine,
+            placement = {"num_workers": num_workers or max(1, min(replicas, os.cpu_count() or 1)),
+                         "num_gpus": None, "gpus": None}
+        super().__init__(model, engine=engine, config=config,
                          tensor_parallel_size=tensor_parallel_size if on_gpus else 1,
                          engine_options=options, temperature=temperature, max_tokens=max_tokens, top_p=top_p,
                          **placement, **kw)
@@ -93,8 +102,9 @@ class vLLMOfflineMultiGPU(LM):  # noqa: N801 - the seed's name
         """
         items = [{"messages": [{"role": "user", "content": p}]} if chat and isinstance(p, str) else p
                  for p in prompts]
-        sampling = {k: v for k, v in {**self.kwargs, **overrides}.items()
-                    if v is not None and k not in _NOT_POOL_SAMPLING}
+        # The LM's sampling keywords (DSPy's own call keywords are not the pool's), then the overrides.
+        sampling = {k: v for k, v in self.kwargs.items() if v is not None and k in SAMPLING}
+        sampling.update({k: v for k, v in overrides.items() if v is not None})
         pool = self.pool
         start = time.monotonic()
         completions = pool.generate(items, timeout=self._engine_spec.request_timeout, **sampling)
@@ -115,10 +125,10 @@ class vLLMOfflineMultiGPU(LM):  # noqa: N801 - the seed's name
 
     def inspect(self) -> dict[str, Any]:
         """The configuration and, once started, the pool's per-worker figures (the seed's inspect())."""
-        spec = self.handle.spec
-        info = {"model": spec.model, "engine": spec.engine, "num_gpus_requested": self.requested_gpus,
-                "num_workers": spec.num_workers, "tensor_parallel_size": spec.tensor_parallel_size,
-                "engine_options": dict(spec.engine_options),
+        config = self.handle.config
+        info = {"model": config.model, "engine": config.engine, "num_gpus_requested": self.requested_gpus,
+                "num_workers": config.num_workers, "tensor_parallel_size": config.tensor_parallel_size,
+                "engine_options": dict(config.engine_options),
                 "temperature": self.kwargs.get("temperature"), "max_tokens": self.kwargs.get("max_tokens"),
                 "top_p": self.kwargs.get("top_p"), "started": self.pool_started}
         stats = self.stats()
@@ -147,12 +157,11 @@ class vLLMOffline(vLLMOfflineMultiGPU):  # noqa: N801 - the seed's name
 
 
 def _seed_defaults(engine: str, temperature, max_tokens, top_p):
-    """The seed's sampling defaults on vLLM (and echo); a DSPy LM's on the CPU fallback."""
-    if engine == "hf":
-        temperature, max_tokens = resolve_defaults(engine, temperature, max_tokens)
-        return temperature, max_tokens, None if top_p is AUTO else top_p
-    return (0.6 if temperature is AUTO else temperature, 2048 if max_tokens is AUTO else max_tokens,
-            0.95 if top_p is AUTO else top_p)
+    """The seed's sampling defaults on vLLM (and echo); a DSPy LM's on the CPU fallback: the
+    ``seed`` and ``seed_hf`` rows of ``mpdp.defaults``. Values given are kept."""
+    row = sampling_defaults("seed_hf" if engine == "hf" else "seed")
+    return tuple(row.get(name) if value is AUTO else value
+                 for name, value in (("temperature", temperature), ("max_tokens", max_tokens), ("top_p", top_p)))
 
 
 def _gpu_list(gpus) -> str:

@@ -1,19 +1,35 @@
 """One typed configuration: sampling parameters and the pool's settings, validated once.
 
-``SamplingParams`` (vLLM's ``SamplingParams`` names) and ``PoolConfig`` are slotted records
-that check every field when built (``ValueError``/``TypeError`` naming it) and round-trip
-through JSON, so that the library, the command line, the server, batch jobs, DSPy and
-launchers on other machines all build and pass the same thing. Nothing here imports an engine.
+``SamplingParams`` (vLLM's ``SamplingParams`` names; ``SAMPLING`` is the one list of them, each
+with its check) and ``PoolConfig`` are slotted records that check every field when built
+(``ValueError``/``TypeError`` naming it) and round-trip through JSON. ``PoolConfig`` is the only
+record of a pool's settings, and every front door builds one::
+
+    mpdp.Pool(**settings) / Pool(config=)    PoolConfig(...)
+    mpdp generate, mpdp serve                PoolConfig.add_cli_args(group) / from_cli_args(args)
+    mpdp.dspy.LM, PoolLM, vLLMOffline*       PoolConfig fields as keywords, or config=
+    launchers on other machines              to_json() / from_json()
+
+Each field declares its command-line form (``Flag``), so both subcommands get every pool flag
+from here, and a keyword is a pool setting exactly when it names a field (``POOL_FIELDS``); any
+other is a sampling keyword, checked against ``SAMPLING``. Nothing here imports an engine.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Sequence
+
+DEFAULT_MODEL = "smollm2-135m-instruct"   # the embedded model (mpdp.models): runs with no download
+# max_tokens="context": generate until the context is full (max_model_len minus the prompt), as
+# vLLM's SamplingParams(max_tokens=None) and an OpenAI chat request without max_tokens do. None
+# keeps meaning "the engine's default" (16), as everywhere else here.
+TO_CONTEXT = "context"
 
 ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
 MAX_TOKENS_LIMIT = 1 << 20          # beyond any context window: a typo, not a request
@@ -120,9 +136,16 @@ def _plain(name: str, v: Any, depth: int = 0) -> Any:
     return v
 
 
-# The sampling keywords (vLLM SamplingParams names) and how each is checked.
+def _max_tokens(v):
+    if v == TO_CONTEXT:
+        return v
+    return _int("max_tokens", v, 1, MAX_TOKENS_LIMIT)
+
+
+# The sampling keywords (vLLM SamplingParams names) and how each is checked: the one list of them.
+# Engines declare the subset they serve (Engine.sampling_fields); SamplingParams has these fields.
 SAMPLING = {
-    "max_tokens": lambda v: _int("max_tokens", v, 1, MAX_TOKENS_LIMIT),
+    "max_tokens": _max_tokens,
     "temperature": _temperature,
     "top_p": _top_p,
     "top_k": lambda v: _int("top_k", v, -1, 1 << 30),
@@ -155,7 +178,7 @@ def check_sampling(params: dict[str, Any]) -> dict[str, Any]:
 class SamplingParams:
     """Validated sampling fields; None means "the engine's default". ``to_dict`` is the wire form."""
 
-    max_tokens: int | None = None
+    max_tokens: int | str | None = None      # an int, or TO_CONTEXT
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
@@ -187,6 +210,10 @@ class SamplingParams:
         return out
 
 
+if SamplingParams.__slots__ != tuple(SAMPLING):       # one list: the record is built from the same names
+    raise AssertionError("SamplingParams' fields must be SAMPLING's keys, in order")
+
+
 def _positive(name: str, v: Any, *, integer: bool = False, allow_none: bool = False, zero: bool = False):
     if v is None and allow_none:
         return
@@ -200,37 +227,146 @@ def _positive(name: str, v: Any, *, integer: bool = False, allow_none: bool = Fa
 LAUNCHERS = ("local", "ray")
 
 
+# ─── Command-line forms ──────────────────────────────────────────────────────
+
+
+@dataclass(frozen=True, slots=True)
+class Flag:
+    """How a ``PoolConfig`` field is given on the command line. ``type`` turns the text into the
+    value (its ValueError/ArgumentTypeError is argparse's one-line usage error); ``choices`` may be
+    a callable, so that listing engines or routing policies waits until a parser is built;
+    ``pairs``: a repeatable ``KEY=VALUE`` flag collected into a dict (``json``: VALUE read as JSON)."""
+
+    help: str
+    metavar: str | None = None
+    type: Callable[[str], Any] | None = None
+    choices: Callable[[], Sequence[str]] | Sequence[str] | None = None
+    pairs: bool = False
+    json: bool = False
+    name: str | None = None          # the flag, when not --field-name
+
+
+def _setting(default: Any = dataclasses.MISSING, flag: Flag | None = None, *, factory=dataclasses.MISSING):
+    return field(default=default, default_factory=factory, metadata={"flag": flag})
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _seconds_or_zero(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number (0 picks a free one), got {value}")
+    return value
+
+
+def _gpu_list(text: str) -> list[int]:
+    try:
+        gpus = [int(g) for g in text.split(",") if g.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"wants GPU indices like 0,1,3, got {text!r}") from None
+    if not gpus or min(gpus) < 0:
+        raise argparse.ArgumentTypeError(f"wants GPU indices like 0,1,3, got {text!r}")
+    return gpus
+
+
+def parse_pair(text: str, as_json: bool = True) -> tuple[str, Any]:
+    """``KEY=VALUE``; with ``as_json`` the value is JSON where it parses (a bare string where it
+    does not, e.g. dtype=float16). ValueError when there is no ``KEY=``."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"wants KEY=VALUE, got {text!r}")
+    if not as_json:
+        return key, value
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _engines() -> list[str]:
+    from mpdp.engines import ENGINES          # a dict of names: imports no engine
+
+    return sorted(ENGINES)
+
+
+def _policies() -> list[str]:
+    from mpdp.routing import POLICIES
+
+    return sorted(POLICIES)
+
+
 @dataclass(slots=True)
 class PoolConfig:
     """Everything ``mpdp.Pool`` is built from. Engine-dependent defaults (timeouts) stay None
     here and are filled in from the engine's own facts when the pool starts."""
 
-    model: str = "smollm2-135m-instruct"
-    engine: str | None = None                 # None: vllm with a GPU, else hf
-    num_workers: int | None = None
-    num_gpus: int | None = None
-    tensor_parallel_size: int = 1
-    engine_options: dict = field(default_factory=dict)
-    gpus: list[int] | None = None
-    routing: str = "cache_aware"             # measured never worse than least_loaded (bench/RESULTS.md)
-    max_batch: int = 512                      # requests per micro-batch frame
-    max_pending: int = 100_000
-    max_crashes: int = 2
-    heartbeat_interval: float = 0.5
-    heartbeat_timeout: float | None = None    # no heartbeat this long: the process is frozen or gone
-    step_timeout: float | None = None         # one engine call this long: the engine is hung
-    ready_timeout: float | None = None
-    shutdown_timeout: float = 30.0
-    dispatcher_timeout: float = 30.0          # a worker that hears nothing for this long exits
-    transport: str = "ipc"
-    transport_host: str = "127.0.0.1"
-    transport_port: int = 0
-    worker_logs: str = "file"
-    worker_env: dict = field(default_factory=dict)
-    launcher: str = "local"
-    ray_address: str | None = None
-    wait_ready: bool = True
-    sampling: SamplingParams = field(default_factory=SamplingParams)
+    model: str = _setting(DEFAULT_MODEL, Flag("model name or local folder"))
+    engine: str | None = _setting(None, Flag("engine (default: vllm when installed and a GPU is visible, "
+                                             "else hf)", choices=_engines))
+    num_workers: int | None = _setting(None, Flag("CPU workers for the hf/echo engines (default: the CPU "
+                                                  "count, at most 4)", "N", positive_int))
+    num_gpus: int | None = _setting(None, Flag("GPUs for the vllm engine (default: every visible GPU)", "N",
+                                               positive_int))
+    tensor_parallel_size: int = _setting(1, Flag("GPUs per worker", "N", positive_int))
+    engine_options: dict = _setting(flag=Flag("engine option, e.g. max_model_len=4096 (repeatable; the "
+                                              "engine's list is checked before any worker starts)",
+                                              "KEY=JSON", pairs=True, json=True, name="--engine-option"),
+                                    factory=dict)
+    gpus: list[int] | None = _setting(None, Flag("which visible GPUs to use, e.g. 0,1 (default: the first "
+                                                 "--num-gpus)", "I,J,...", _gpu_list))
+    # cache_aware: measured never worse than least_loaded (bench/RESULTS.md)
+    routing: str = _setting("cache_aware", Flag("how requests are placed on workers", choices=_policies))
+    max_batch: int = _setting(512, Flag("requests per micro-batch frame", "N", positive_int))
+    max_pending: int = _setting(100_000, Flag("requests the pool holds at once; more wait for room", "N",
+                                              positive_int))
+    max_crashes: int = _setting(2, Flag("worker crashes a request may take part in before it fails", "N",
+                                        positive_int))
+    heartbeat_interval: float = _setting(0.5, Flag("seconds between heartbeats", "SECONDS", positive_seconds))
+    heartbeat_timeout: float | None = _setting(None, Flag("silence after which a worker is hung (default: "
+                                                          "the engine's)", "SECONDS", positive_seconds))
+    # one engine call (add, step, abort) this long: the engine is hung
+    step_timeout: float | None = _setting(None, Flag("one engine call this long means a hung engine "
+                                                     "(default: the engine's)", "SECONDS", positive_seconds))
+    ready_timeout: float | None = _setting(None, Flag("how long a worker may take to load (default: the "
+                                                      "engine's)", "SECONDS", positive_seconds))
+    shutdown_timeout: float = _setting(30.0, Flag("how long closing waits for workers to exit", "SECONDS",
+                                                  _seconds_or_zero))
+    # a worker that hears nothing from the dispatcher for this long exits
+    dispatcher_timeout: float = _setting(30.0, Flag("a worker that hears nothing for this long exits",
+                                                    "SECONDS", positive_seconds))
+    transport: str = _setting("ipc", Flag("how workers connect on this machine", choices=("ipc", "tcp")))
+    transport_host: str = _setting("127.0.0.1", Flag("the address tcp workers connect to", "HOST"))
+    transport_port: int = _setting(0, Flag("the tcp port (0: a free one)", "PORT", _port))
+    worker_logs: str = _setting("file", Flag("workers' output: kept in a file for error reports, or "
+                                             "inherited", choices=("file", "inherit")))
+    worker_env: dict = _setting(flag=Flag("environment variable for the workers (repeatable)", "KEY=VALUE",
+                                          pairs=True), factory=dict)
+    launcher: str = _setting("local", Flag("where workers run: this machine, or a Ray cluster",
+                                           choices=LAUNCHERS))
+    ray_address: str | None = _setting(None, Flag("the Ray cluster for --launcher ray, e.g. HEAD_IP:6379 "
+                                                  "(default: RAY_ADDRESS, else a running local cluster)",
+                                                  "ADDRESS"))
+    wait_ready: bool = _setting(True)          # each door decides (serve answers /health while loading)
+    sampling: SamplingParams = _setting(flag=None, factory=SamplingParams)   # flags: per door (cli_args)
 
     def __post_init__(self):
         if isinstance(self.sampling, dict):
@@ -309,6 +445,40 @@ class PoolConfig:
             raise ValueError(f"{_deep_field(text)} is nested too deeply") from None
         return cls.from_dict(d)
 
+    # -- the command line (as vLLM's EngineArgs.add_cli_args / from_cli_args) -----------------------
+    @classmethod
+    def add_cli_args(cls, group) -> None:
+        """Every field with a ``Flag`` as an option of ``group`` (a parser or an argument group),
+        under the field's name as ``dest``; defaults are the fields' own."""
+        for f, flag in _flagged():
+            name = flag.name or "--" + f.name.replace("_", "-")
+            if flag.pairs:
+                group.add_argument(name, dest=f.name, action="append", default=[], metavar=flag.metavar,
+                                   type=_pair_type(flag.json), help=flag.help)
+                continue
+            choices = flag.choices() if callable(flag.choices) else flag.choices
+            default = f.default
+            shown = " (default: %(default)s)" if default is not None and "(default:" not in flag.help else ""
+            group.add_argument(name, dest=f.name, default=default, type=flag.type, choices=choices,
+                               metavar=flag.metavar, help=flag.help + shown)
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace, **overrides) -> "PoolConfig":
+        """The config the flags of ``add_cli_args`` name; ``overrides`` (e.g. ``wait_ready``,
+        ``sampling``) on top. ValueError/TypeError name the field, as the constructor's do."""
+        values = {}
+        for f, flag in _flagged():
+            if hasattr(args, f.name):
+                value = getattr(args, f.name)
+                values[f.name] = dict(value) if flag.pairs else value
+        values.update(overrides)
+        return cls(**values)
+
+    @staticmethod
+    def cli_flags() -> list[str]:
+        """The pool's flags, as ``--help`` lists them."""
+        return [flag.name or "--" + f.name.replace("_", "-") for f, flag in _flagged()]
+
 
 _JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"(\s*:)?|[\[\]{}]')
 
@@ -327,3 +497,44 @@ def _deep_field(text: str, limit: int = 64) -> str:
         elif depth == 1 and m.group(1):             # a key of the top-level object
             key = token[:m.start(1) - m.start()]
     return "the pool config"
+
+
+POOL_FIELDS = frozenset(f.name for f in dataclasses.fields(PoolConfig))
+
+
+def _flagged():
+    return [(f, f.metadata["flag"]) for f in dataclasses.fields(PoolConfig) if f.metadata.get("flag")]
+
+
+def _pair_type(as_json: bool):
+    def parse(text: str):
+        try:
+            return parse_pair(text, as_json)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return parse
+
+
+def split_settings(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(pool settings, the rest) of a front door's keywords: a keyword is a pool setting exactly
+    when it names a PoolConfig field; the rest are sampling keywords (or the door's own)."""
+    pool = {k: v for k, v in kwargs.items() if k in POOL_FIELDS}
+    return pool, {k: v for k, v in kwargs.items() if k not in POOL_FIELDS}
+
+
+def config_with(config: "PoolConfig | None", settings: dict[str, Any], sampling: dict[str, Any]) -> "PoolConfig":
+    """A door's PoolConfig: ``config`` (or the defaults) with ``settings`` and pool-level
+    ``sampling`` defaults on top; unknown sampling keywords are a TypeError naming them."""
+    unknown = sorted(set(sampling) - set(SAMPLING))
+    if unknown:
+        raise TypeError(f"unknown sampling keyword {unknown[0]!r}, and no pool setting either; sampling: "
+                        f"{', '.join(SAMPLING)}; pool settings: {', '.join(sorted(POOL_FIELDS))}")
+    base = config if config is not None else PoolConfig()
+    values = {f.name: getattr(base, f.name) for f in dataclasses.fields(PoolConfig)}
+    values["engine_options"], values["worker_env"] = dict(values["engine_options"]), dict(values["worker_env"])
+    values.update(settings)
+    merged = values["sampling"]
+    merged = merged.to_dict() if isinstance(merged, SamplingParams) else dict(merged or {})
+    merged.update(sampling)
+    values["sampling"] = SamplingParams.from_dict({k: v for k, v in merged.items() if v is not None})
+    return PoolConfig(**values)

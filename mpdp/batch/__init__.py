@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from mpdp.cli_args import add_pool_arguments, positive as _positive, seconds as _seconds
+from mpdp.cli_args import add_pool_arguments, add_sampling_arguments, positive as _positive, seconds as _seconds
 
 HELP = "run a JSONL file of requests (simple or OpenAI batch format) through a pool"
 EPILOG = """\
@@ -36,7 +36,7 @@ files:
   /dev/stdin) is read once into a private temporary file, then checked and run.
 
 exit codes: 0 all done, 1 some requests failed, 2 a usage or input mistake (found before any
-worker starts), 130/143 stopped by SIGINT/SIGTERM.
+worker starts: flags, engine options, files, every line's shape), 130/143 stopped by SIGINT/SIGTERM.
 """
 
 
@@ -50,20 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="append to an existing output the results of the ids it does not have yet")
     again.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
-    pool = p.add_argument_group("pool")
-    add_pool_arguments(pool)
-    pool.add_argument("--launcher", default="local", choices=("local", "ray"),
-                      help="where workers run: this machine, or a Ray cluster (default: %(default)s)")
-    pool.add_argument("--ray-address", default=None, metavar="ADDRESS",
-                      help="the Ray cluster for --launcher ray, e.g. HEAD_IP:6379 (default: RAY_ADDRESS, "
-                           "else a running local cluster)")
-
-    sampling = p.add_argument_group("sampling defaults (each line may override them)")
-    sampling.add_argument("--max-tokens", type=int, default=256, help="(default: %(default)s)")
-    sampling.add_argument("--temperature", type=float, default=0.0, help="(default: %(default)s, greedy)")
-    sampling.add_argument("--top-p", type=float, default=None, help="(default: the engine's, 1.0)")
-    sampling.add_argument("--top-k", type=int, default=None, help="(default: the engine's, off)")
-    sampling.add_argument("--seed", type=int, default=None, help="(default: none)")
+    add_pool_arguments(p)                  # every PoolConfig field, as mpdp serve has them
+    add_sampling_arguments(p, "generate")  # defaults: mpdp.defaults, the "generate" row
 
     job = p.add_argument_group("job")
     job.add_argument("--window", type=_positive, default=8192, metavar="N",

@@ -2,7 +2,8 @@
 
 Model loading takes minutes on GPUs; a typo in a path, an output that would be overwritten,
 or a broken line 90,000 of the input must not wait for it. ``prepare`` checks, in this order:
-the flags' values, the input can be read, the output folder can be written and an existing
+the flags' values and the engine's options (``cli_args.pool_config``, as ``mpdp serve`` does),
+the input can be read, the output folder can be written and an existing
 output is resumed or overwritten only when asked, the model resolves, and every input line
 is a line of the file's format with a unique id (one streaming pass: memory is 8 bytes an
 id, see ``ids.py``). The same pass reads every request as the job will (the server's own
@@ -21,7 +22,8 @@ from typing import Any
 from mpdp import errors
 from mpdp.batch import formats, output
 from mpdp.batch.ids import IdSet
-from mpdp.cli_args import parse_option
+from mpdp.cli_args import pool_config
+from mpdp.config import PoolConfig
 
 
 class UsageError(Exception):
@@ -33,10 +35,7 @@ class Plan:
     fmt: str
     total: int                          # requests in the input (= unique ids)
     done: int                           # of them, already in the output (resume)
-    engine: str
-    model: str                          # resolved (a local folder for engines with weights)
-    engine_options: dict[str, Any]
-    sampling: dict[str, Any]
+    config: PoolConfig                  # the pool: its engine named, its model resolved
     rules: formats.Rules | None = None   # what each line is checked against
     invalid: int = 0                     # lines still to do that fail alone, without a worker
     previous: output.Scan | None = None  # the existing output being resumed (None: start afresh)
@@ -46,13 +45,25 @@ class Plan:
     def todo(self) -> int:
         return self.total - self.done
 
+    @property
+    def engine(self) -> str:
+        return self.config.engine
+
+    @property
+    def model(self) -> str:
+        return self.config.model
+
+    @property
+    def sampling(self) -> dict[str, Any]:
+        """The job's sampling defaults (the flags'), each line's overrides go on top."""
+        return self.config.sampling.to_dict()
+
 
 def prepare(args) -> Plan:
-    options = dict(_option(o) for o in args.engine_option)
-    sampling = _sampling(args)
+    config = _config(args)
     _check_input(args.input)
     resume = _check_output(args)
-    engine, model = _resolve(args.engine, args.model, options)
+    config.engine, config.model = _resolve(config.engine, config.model, config.engine_options)
     fmt = _first_format(args.input)
     previous = None
     if resume:
@@ -60,9 +71,9 @@ def prepare(args) -> Plan:
             previous = output.scan(args.output, fmt)
         except output.ResumeError as exc:
             raise UsageError(str(exc)) from None
-    rules = _rules(args.model, engine)
+    rules = _rules(args.model, config.engine)
     total, done, invalid, first = _check_lines(args.input, fmt, rules, previous.ids if previous else None)
-    plan = Plan(fmt, total, done, engine, model, options, sampling, rules, invalid, previous)
+    plan = Plan(fmt, total, done, config, rules, invalid, previous)
     if invalid:
         plan.notes.append(f"{invalid} request{'s' if invalid > 1 else ''} will fail alone, an error in "
                           f"{'their' if invalid > 1 else 'its'} place ({first})")
@@ -73,22 +84,12 @@ def prepare(args) -> Plan:
     return plan
 
 
-def _option(text: str) -> tuple[str, Any]:
+def _config(args) -> PoolConfig:
+    """Every pool and sampling flag, and the engine's options, checked as ``mpdp serve`` checks them."""
     try:
-        return parse_option(text)
-    except ValueError as exc:
-        raise UsageError(f"--engine-option {exc}") from None
-
-
-def _sampling(args) -> dict[str, Any]:
-    from mpdp.config import check_sampling
-
-    given = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
-             "top_k": args.top_k, "seed": args.seed}
-    try:
-        return check_sampling({k: v for k, v in given.items() if v is not None})
+        return pool_config(args)
     except (ValueError, TypeError) as exc:
-        raise UsageError(f"--{str(exc).split()[0].replace('_', '-')}: {exc}") from None
+        raise UsageError(str(exc)) from None
 
 
 def _check_input(path: str) -> None:

@@ -121,10 +121,7 @@ def _run(args, plan: checks.Plan, signals: Signals) -> int:
 
     started = time.monotonic()
     try:
-        pool = Pool(plan.model, engine=plan.engine, num_workers=args.num_workers, num_gpus=args.num_gpus,
-                    tensor_parallel_size=args.tensor_parallel_size, engine_options=plan.engine_options,
-                    launcher=args.launcher, ray_address=args.ray_address, routing=args.routing,
-                    **plan.sampling)
+        pool = Pool(config=plan.config)
     except (ValueError, TypeError) as exc:      # raised before any worker was started
         print(f"mpdp generate: error: {exc}", file=sys.stderr)
         return 2

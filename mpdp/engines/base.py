@@ -23,6 +23,8 @@ import abc
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from mpdp.config import SAMPLING
+
 
 @dataclass(slots=True)
 class EngineRequest:
@@ -143,10 +145,25 @@ class Engine(abc.ABC):
     # engine may set it per instance (from its model's size); READY carries it to the pool;
     # the pool's step_timeout= overrides it.
     step_timeout: float = 120.0
-    # The sampling keywords it honours; any other is refused at submit, naming the engine.
-    sampling_fields: ClassVar[frozenset[str]] = frozenset({
-        "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "presence_penalty",
-        "frequency_penalty", "logprobs", "ignore_eos", "response_format", "chat_template_kwargs"})
+    # The sampling keywords it honours (a subset of mpdp.config.SAMPLING); any other is refused
+    # at submit, naming the engine.
+    sampling_fields: ClassVar[frozenset[str]] = frozenset(SAMPLING)
+    # The engine options it takes; None: not known in the parent (the engine checks them itself).
+    option_names: ClassVar[frozenset[str] | None] = None
+
+    @classmethod
+    def known_options(cls) -> frozenset[str] | None:
+        """The option names this engine takes, found without importing its packages."""
+        return cls.option_names
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        """ValueError naming the options this engine does not take, before any worker starts."""
+        known = cls.known_options()
+        unknown = sorted(set(options) - known) if known is not None else []
+        if unknown:
+            raise ValueError(f"unknown {cls.name} engine option{'s' if len(unknown) > 1 else ''} "
+                             f"{', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}")
 
     def __init__(self, model: str, options: dict[str, Any], placement: WorkerPlacement):
         self.model = model

@@ -1,7 +1,8 @@
 """The echo engine: the completion is the prompt itself. For tests of the plumbing, never for features.
 
 Text is the prompt (for chat: the last message's content) cut to ``max_tokens`` characters;
-one character counts as one token (with ``logprobs``: each of logprob 0). Options:
+one character counts as one token (with ``logprobs``: each of logprob 0; ``max_tokens="context"``:
+the whole prompt, or what the ``max_model_len`` option leaves of it). Options:
 
 - ``delay_s``: each request finishes this many seconds after it arrived (holds requests in flight);
 - ``capacity``: the credit it advertises (default 4096);
@@ -32,6 +33,7 @@ import resource
 import signal
 import time
 
+from mpdp.config import TO_CONTEXT
 from mpdp.engines.base import ContextWindowExceeded, Engine, EngineRequest, EngineResult, WorkerPlacement
 from mpdp.engines.logprobs import record as logprob_record
 
@@ -47,11 +49,11 @@ class EchoEngine(Engine):
     name = "echo"
     step_timeout = 30.0     # its steps take microseconds (they sleep at most 2 ms)
 
+    option_names = frozenset({"delay_s", "capacity", "faults", "max_model_len", "stream_piece"})
+
     def __init__(self, model: str, options: dict, placement: WorkerPlacement):
         super().__init__(model, options, placement)
-        unknown = set(options) - {"delay_s", "capacity", "faults", "max_model_len", "stream_piece"}
-        if unknown:
-            raise ValueError(f"unknown echo engine options: {sorted(unknown)}")
+        self.check_options(options)
         self.delay_s = float(options.get("delay_s", 0.0))
         self._capacity = int(options.get("capacity", 4096))
         self.faults = bool(options.get("faults", False))
@@ -75,10 +77,12 @@ class EchoEngine(Engine):
     def add(self, request: EngineRequest) -> None:
         text = _text_of(request)
         if self._max_model_len is not None:
-            need = len(text) + request.params.get("max_tokens", 16)
-            if need > self._max_model_len:
+            max_tokens = request.params.get("max_tokens", 16)
+            if max_tokens == TO_CONTEXT:
+                max_tokens = 1                             # at least one must be left to generate
+            if len(text) + max_tokens > self._max_model_len:
                 raise ContextWindowExceeded(
-                    f"the prompt ({len(text)} tokens) plus max_tokens ({request.params.get('max_tokens', 16)}) "
+                    f"the prompt ({len(text)} tokens) plus max_tokens ({max_tokens}) "
                     f"is more than the model's context of {self._max_model_len} tokens")
         due = time.monotonic() + self.delay_s
         if self.faults and text.startswith(FAULT_PREFIX):
@@ -123,13 +127,13 @@ class EchoEngine(Engine):
                     out.append(EngineResult(id=rid, texts=[held], finish_reasons=["stop"]))
             elif req is not None:                       # None: aborted meanwhile
                 self._streams.pop(rid, None)
-                out.append(_echo(req))
+                out.append(_echo(req, self._max_model_len))
         return out
 
     def _stream_pieces(self) -> list[EngineResult]:
         out = []
         for rid, sent in self._streams.items():
-            full = _echo(self._held[rid])
+            full = _echo(self._held[rid], self._max_model_len)
             piece = [t[sent:sent + self.stream_piece] for t in full.texts]
             if any(piece):
                 self._streams[rid] = sent + self.stream_piece
@@ -155,9 +159,11 @@ def _text_of(req: EngineRequest) -> str:
     return " ".join(map(str, req.prompt_token_ids))
 
 
-def _echo(req: EngineRequest) -> EngineResult:
+def _echo(req: EngineRequest, max_model_len: int | None = None) -> EngineResult:
     text = _text_of(req)
     max_tokens = req.params.get("max_tokens", 16)
+    if max_tokens == TO_CONTEXT:      # the whole prompt, cut only by a context it was given
+        max_tokens = max_model_len - len(text) if max_model_len else len(text)
     n = req.params.get("n", 1)
     out, reason = (text[:max_tokens], "length") if len(text) > max_tokens else (text, "stop")
     for s in req.params.get("stop") or ():

@@ -22,7 +22,7 @@ parameters (at least 1 of each): 120 s for SmolLM2-135M with the defaults, whose
 ~0.1-0.5 s on 2 quiet cores. Heartbeats come from their own thread, so a slow step is never
 taken for a dead worker.
 
-Params: max_tokens (default 16; ``None`` = up to the context limit), temperature (default 1.0
+Params: max_tokens (default 16; ``"context"`` = up to the context limit), temperature (default 1.0
 as in vLLM; 0, or below 1e-5 as vLLM rounds it, = greedy argmax), top_p, top_k, n, seed, stop,
 ignore_eos, presence_penalty and frequency_penalty (subtracted from the logits over the
 generated tokens, as vLLM does), logprobs (k in 0..20: the chosen token's logprob plus the top
@@ -50,6 +50,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from mpdp.config import TO_CONTEXT
 from mpdp.engines.base import (ContextWindowExceeded, Engine, EngineRequest, EngineResult, WorkerPlacement,
                                json_format)
 from mpdp.engines.logprobs import record as logprob_record, token_bytes
@@ -110,12 +111,11 @@ class HFEngine(Engine):
     loads_weights = True
     ready_timeout = 300.0            # the first start converts the embedded GGUF file
     step_timeout = 120.0             # the least; scaled per instance (see the module docstring)
+    option_names = OPTIONS
 
     def __init__(self, model: str, options: dict[str, Any], placement: WorkerPlacement):
         super().__init__(model, options, placement)
-        unknown = sorted(set(options) - OPTIONS)
-        if unknown:
-            raise ValueError(f"unknown hf engine options {unknown}; known: {sorted(OPTIONS)}")
+        self.check_options(options)
         # Imported here: the parent process imports this class without paying for torch.
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -248,8 +248,8 @@ class HFEngine(Engine):
             raise ContextWindowExceeded(
                 f"the prompt has {len(ids)} tokens, but the model's context limit (max_model_len) "
                 f"is {self._max_len} tokens")
-        if "max_tokens" in p and p["max_tokens"] is None:
-            max_tokens = self._max_len - len(ids)  # vLLM: None means "until the context is full"
+        if p.get("max_tokens", 0) in (None, TO_CONTEXT):
+            max_tokens = self._max_len - len(ids)  # as vLLM's None: until the context is full
         else:
             max_tokens = _int(p, "max_tokens", 16, low=1)
         if len(ids) + max_tokens > self._max_len:

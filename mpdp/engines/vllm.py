@@ -29,19 +29,20 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import multiprocessing
 from typing import Any
 
+from mpdp.config import SAMPLING, TO_CONTEXT
 from mpdp.engines.base import (ContextWindowExceeded, Engine, EngineRequest, EngineResult, WorkerPlacement,
                                json_format)
 from mpdp.engines.logprobs import record as logprob_record, token_bytes
 
-# The EngineRequest.params keys that map one to one onto vllm.SamplingParams fields.
-_SAMPLING_KEYS = frozenset({
-    "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed",
-    "presence_penalty", "frequency_penalty", "logprobs", "ignore_eos",
-})
+# The EngineRequest.params keys that map one to one onto vllm.SamplingParams fields: all of
+# mpdp's but the two read here (response_format becomes structured outputs, chat_template_kwargs
+# goes to the chat template).
+_SAMPLING_KEYS = frozenset(SAMPLING) - {"response_format", "chat_template_kwargs"}
 _OWN_OPTIONS = frozenset({"capacity", "kv_events"})
 # vLLM's CompletionOutput.finish_reason strings (vllm/v1/engine/__init__.py, FINISH_REASON_STRINGS)
 # onto mpdp's. "repetition" only happens with SamplingParams.repetition_detection, never set here.
@@ -59,6 +60,14 @@ class VLLMEngine(Engine):
     # in-process step and its native calls were not measured to hand over promptly: kept long.
     heartbeat_timeout = 60.0
     step_timeout = 600.0             # a step can wait on a long prefill or a compile of a new shape
+
+    @classmethod
+    def known_options(cls) -> frozenset[str] | None:
+        """``vllm.EngineArgs``' fields (but ``model``) and mpdp's own, read from vLLM's source
+        without importing it: the parent process checks options before any worker starts and must
+        stay free of CUDA. None (left to the worker) where vLLM is not installed here."""
+        fields = _engine_args_fields()
+        return None if fields is None else (fields - {"model"}) | _OWN_OPTIONS
 
     def __init__(self, model: str, options: dict[str, Any], placement: WorkerPlacement):
         super().__init__(model, options, placement)
@@ -123,8 +132,9 @@ class VLLMEngine(Engine):
             raise ValueError(f"request {request.id} is already in flight on this worker")
         params = request.params or {}
         with _request_errors():
-            sampling = self._sampling_params(params, stream=request.stream)
             token_ids = self._prompt_token_ids(request, params.get("chat_template_kwargs"))
+            sampling = self._sampling_params(params, stream=request.stream,
+                                             room=self._max_model_len - len(token_ids))
         if len(token_ids) >= self._max_model_len:
             raise ContextWindowExceeded(
                 f"the prompt has {len(token_ids)} tokens but the model's context window is "
@@ -210,7 +220,7 @@ class VLLMEngine(Engine):
                 cleanup_dist_env_and_memory()
 
     # -- requests -> vLLM ------------------------------------------------------------------------
-    def _sampling_params(self, params: dict[str, Any], stream: bool = False):
+    def _sampling_params(self, params: dict[str, Any], stream: bool = False, room: int = 1):
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
         fields = dict(self._defaults)
@@ -222,6 +232,8 @@ class VLLMEngine(Engine):
                 structured = _structured_outputs(value)
             elif key != "chat_template_kwargs":
                 raise ValueError(f"the vllm engine does not support the sampling parameter {key!r}")
+        if fields.get("max_tokens") == TO_CONTEXT:   # what vLLM's None means: until the context is full
+            fields["max_tokens"] = max(1, room)
         if fields.get("logprobs") is True:     # OpenAI-style boolean: the chosen token only
             fields["logprobs"] = 0
         elif fields.get("logprobs") is False:
@@ -380,6 +392,37 @@ def _node_address() -> str:
         import socket
 
         return socket.gethostbyname(socket.gethostname())
+
+
+@functools.lru_cache(maxsize=1)
+def _engine_args_fields() -> frozenset[str] | None:
+    """The field names of ``vllm.EngineArgs`` (a dataclass) from ``vllm/engine/arg_utils.py``'s
+    syntax tree: annotated names in the class body, ClassVars left out. Importing the module
+    would import torch and initialise CUDA in the caller."""
+    import ast
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("vllm")     # the top-level package only: nothing is imported
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        path = Path(location) / "engine" / "arg_utils.py"
+        if path.is_file():
+            break
+    else:
+        return None
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError):
+        return None
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name == "EngineArgs":
+            return frozenset(
+                item.target.id for item in node.body
+                if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)
+                and "ClassVar" not in ast.unparse(item.annotation))
+    return None
 
 
 def _allow_children() -> None:

@@ -42,12 +42,13 @@ import os
 import threading
 import uuid
 import weakref
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import dspy
 
 from mpdp import errors
+from mpdp.config import DEFAULT_MODEL, POOL_FIELDS, SAMPLING, PoolConfig, config_with, split_settings
+from mpdp.defaults import sampling_defaults
 from mpdp.openai_api.response import finish_reason
 
 try:                                   # DSPy >= 3.4: the engine route
@@ -58,31 +59,31 @@ except ImportError:                    # DSPy 3.3: only PoolLM works
 
 logger = logging.getLogger("mpdp")
 
-__all__ = ["LM", "MpdpEngine", "AsyncMpdpEngine", "PoolLM", "PoolSpec", "PoolHandle", "split_reasoning",
-           "dspy_defaults"]
+__all__ = ["LM", "MpdpEngine", "AsyncMpdpEngine", "PoolLM", "PoolHandle", "split_reasoning", "dspy_defaults"]
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
-# Engines default to 16 new tokens (vLLM's SamplingParams default); DSPy prompts want whole answers.
-DEFAULT_MAX_TOKENS = 2048
 PROVIDER = "mpdp"
 # "Not given": the LM picks its defaults for the engine it runs on (dspy_defaults); None stays
 # meaningful ("leave it to the engine"), as in dspy.LM.
 AUTO: Any = type("Auto", (), {"__repr__": lambda self: "AUTO"})()
 
-# Sampling keywords DSPy carries in a canonical Request (so they are part of its cache key and can
-# be given per call). Any other sampling keyword given to LM() (ignore_eos, chat_template_kwargs)
-# cannot pass through DSPy 3.4's Request: it becomes a default of the pool's engine instead.
-DSPY_CARRIED = frozenset({
-    "top_p", "top_k", "stop", "seed", "presence_penalty", "frequency_penalty", "logprobs",
-    "top_logprobs", "response_format", "rollout_id", "reasoning_effort", "n", "max_completion_tokens",
-})
+# The sampling keywords (mpdp.config.SAMPLING) that cannot pass through DSPy 3.4's Request: given
+# to LM() they become defaults of the pool's engine instead.
+_POOL_ONLY = frozenset({"ignore_eos", "chat_template_kwargs"})
+# Keywords DSPy carries in a canonical Request (so they are part of its cache key and can be given
+# per call): the other sampling keywords (temperature and max_tokens are LM()'s own arguments),
+# and DSPy's own names.
+DSPY_CARRIED = (frozenset(SAMPLING) - _POOL_ONLY - {"temperature", "max_tokens"}) | {
+    "top_logprobs", "rollout_id", "reasoning_effort", "max_completion_tokens"}
 # dspy.LM's own constructor keywords that may reach LM(**kwargs) (e.g. from a saved state).
 DSPY_LM_KEYWORDS = frozenset({
     "provider", "finetuning_model", "launch_kwargs", "train_kwargs", "use_developer_role",
     "prompt_cache",
 })
-_SAMPLING_PARAMS = frozenset({"temperature", "max_tokens", "top_p", "top_k", "stop", "seed", "n",
-                              "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs"})
+# What the engines tell DSPy they take (DSPy's JSONAdapter sends response_format only where listed).
+_SUPPORTED_PARAMS = (frozenset(SAMPLING) - _POOL_ONLY) | {"top_logprobs"}
+# The Request.config fields copied as they are (stop and response_format are converted; n is DSPy's
+# fan-out of single requests).
+_REQUEST_SCALARS = tuple(k for k in SAMPLING if k not in _POOL_ONLY | {"n", "stop", "response_format"})
 # DSPy call keywords that are not sampling (PoolLM sees them in its kwargs).
 _NOT_SAMPLING = frozenset({"num_retries", "rollout_id", "cache", "api_key", "api_base", "base_url"})
 
@@ -90,43 +91,21 @@ _NOT_SAMPLING = frozenset({"num_retries", "rollout_id", "cache", "api_key", "api
 # ─── The pool, started lazily and shared ─────────────────────────────────────
 
 
-@dataclass(slots=True)
-class PoolSpec:
-    """Everything needed to start the pool again in another process (JSON data, no objects)."""
-
-    model: str = DEFAULT_MODEL
-    engine: str | None = None                 # None: the pool's choice ("vllm" with a GPU, else "hf")
-    num_workers: int | None = None
-    num_gpus: int | None = None
-    tensor_parallel_size: int = 1
-    engine_options: dict[str, Any] = field(default_factory=dict)
-    sampling: dict[str, Any] = field(default_factory=dict)   # the pool's sampling defaults
-    launcher: str = "local"                   # "ray": workers on a Ray cluster
-    ray_address: str | None = None
-
-    def start(self):
-        import mpdp
-
-        return mpdp.Pool(model=self.model, engine=self.engine, num_workers=self.num_workers,
-                         num_gpus=self.num_gpus, tensor_parallel_size=self.tensor_parallel_size,
-                         engine_options=dict(self.engine_options) or None, launcher=self.launcher,
-                         ray_address=self.ray_address, **self.sampling)
-
-
 class PoolHandle:
     """One pool, started on first use, shared by every engine, copy and pickle that holds it.
 
     ``copy.deepcopy`` returns the handle itself (programs are deep-copied all the time by DSPy's
-    optimizers; a copy must not mean a second pool), and a pickle carries only the spec and a key:
+    optimizers; a copy must not mean a second pool), and a pickle carries only the config and a key:
     unpickled or loaded in the same process it finds the live handle again, in another process it
-    starts its own pool on first use.
+    starts its own pool on first use. ``config`` is the pool's ``PoolConfig``, the one record of
+    its settings (JSON data: it goes into saved programs).
     """
 
     _live: "weakref.WeakValueDictionary[str, PoolHandle]" = weakref.WeakValueDictionary()
     _live_lock = threading.Lock()
 
-    def __init__(self, spec: PoolSpec, pool: Any = None, key: str | None = None):
-        self.spec = spec
+    def __init__(self, config: PoolConfig, pool: Any = None, key: str | None = None):
+        self.config = config
         self.key = key or uuid.uuid4().hex
         self.owned = pool is None           # a pool passed in is borrowed: never closed here
         self._pool = pool
@@ -137,11 +116,11 @@ class PoolHandle:
             PoolHandle._live[self.key] = self
 
     @classmethod
-    def restore(cls, key: str, spec: PoolSpec) -> "PoolHandle":
+    def restore(cls, key: str, config: PoolConfig) -> "PoolHandle":
         """The live handle with this key in this process, or a new (not started) one."""
         with cls._live_lock:
             handle = cls._live.get(key)
-        return handle if handle is not None and not handle._closed else cls(spec, key=key)
+        return handle if handle is not None and not handle._closed else cls(config, key=key)
 
     @property
     def started(self) -> bool:
@@ -152,9 +131,9 @@ class PoolHandle:
         """The engine the pool runs (or will run: the pool's own default when none was named)."""
         if self._pool is not None:
             return self._pool.engine
-        if self.spec.engine is not None:
-            return self.spec.engine
-        if self._default_engine is None:       # not written into the spec: a saved program decides anew
+        if self.config.engine is not None:
+            return self.config.engine
+        if self._default_engine is None:       # not written into the config: a saved program decides anew
             from mpdp.pool import default_engine
 
             self._default_engine = default_engine()
@@ -168,12 +147,18 @@ class PoolHandle:
             return pool
         with self._lock:
             if self._closed:
-                raise errors.PoolClosed(f"the mpdp pool for {self.spec.model!r} was closed")
+                raise errors.PoolClosed(f"the mpdp pool for {self.config.model!r} was closed")
             if self._pool is None:
-                logger.info("starting the mpdp pool for %s (engine %s)", self.spec.model,
-                            self.spec.engine or "auto")
-                self._pool = self.spec.start()
+                logger.info("starting the mpdp pool for %s (engine %s)", self.config.model,
+                            self.config.engine or "auto")
+                self._pool = self.start()
             return self._pool
+
+    def start(self):
+        """A new pool from the config (the one place a DSPy LM starts one)."""
+        from mpdp.pool import Pool
+
+        return Pool(config=self.config)
 
     def close(self) -> None:
         """Close an owned pool; later calls fail with PoolClosed. A borrowed pool is left to its owner."""
@@ -191,36 +176,49 @@ class PoolHandle:
         return self
 
     def __reduce__(self):
-        return (_restore_handle, (self.key, asdict(self.spec)))
+        return (_restore_handle, (self.key, self.config.to_dict()))
 
     def __repr__(self) -> str:
         state = "started" if self.started else "not started"
-        return f"PoolHandle({self.spec.model!r}, engine={self.spec.engine!r}, {state})"
+        return f"PoolHandle({self.config.model!r}, engine={self.config.engine!r}, {state})"
 
 
-def _restore_handle(key: str, spec: dict) -> PoolHandle:
-    return PoolHandle.restore(key, PoolSpec(**spec))
+def _restore_handle(key: str, config: dict) -> PoolHandle:
+    return PoolHandle.restore(key, PoolConfig.from_dict(config))
 
 
-def spec_of_pool(pool: Any, model: str | None) -> PoolSpec:
-    """A PoolSpec describing a pool someone else started (for saving an LM that borrows it)."""
-    return PoolSpec(model=model or getattr(pool, "model", None) or DEFAULT_MODEL,
-                    engine=getattr(pool, "engine", None), num_workers=getattr(pool, "num_workers", None),
-                    sampling=dict(getattr(pool, "defaults", None) or {}))
+def config_of_pool(pool: Any, model: str | None = None) -> PoolConfig:
+    """The PoolConfig of a pool someone else started (for saving an LM that borrows it), under
+    the LM's model name where it gives one (the name its responses carry)."""
+    config = getattr(pool, "config", None)
+    if isinstance(config, PoolConfig):
+        return PoolConfig.from_dict({**config.to_dict(), **({"model": model} if model else {})})
+    return PoolConfig(model=model or getattr(pool, "model", None) or DEFAULT_MODEL,
+                      engine=getattr(pool, "engine", None), num_workers=getattr(pool, "num_workers", None),
+                      sampling=dict(getattr(pool, "defaults", None) or {}))
+
+
+def lm_config(model: str | None, engine: str | None, config: PoolConfig | dict | None,
+              kwargs: dict[str, Any], door_keywords: frozenset[str] = frozenset()) -> tuple[PoolConfig, dict]:
+    """(the pool's config, the door's own keywords) from a DSPy LM's keywords: a keyword naming a
+    PoolConfig field is a pool setting, one in ``door_keywords`` stays the LM's, any other is a
+    sampling default of the pool (TypeError when it is none of these)."""
+    if isinstance(config, dict):
+        config = PoolConfig.from_dict(config)
+    own = {k: kwargs.pop(k) for k in list(kwargs) if k in door_keywords}
+    settings, sampling = split_settings(kwargs)
+    if model is not None:
+        settings["model"] = model
+    if engine is not None:
+        settings["engine"] = engine
+    return config_with(config, settings, sampling), own
 
 
 def dspy_defaults(engine: str) -> dict[str, Any]:
-    """The sampling defaults of a DSPy LM on this engine (the README's defaults table).
-
-    hf (CPU, the embedded 135M model): greedy and 256 tokens. Sampled at the engine's 1.0, a
-    small model wanders off DSPy's format and often never emits EOS, so every call ran to
-    max_tokens (2,048 tokens: ~140 s a call on 2 cores); greedy answers are also what DSPy's cache
-    can reuse. 256 tokens hold an answer or a short chain of thought. vllm and echo: the model's
-    own generation config (temperature None) and 2,048 tokens, room for reasoning models.
-    """
-    if engine == "hf":
-        return {"temperature": 0.0, "max_tokens": 256}
-    return {"temperature": None, "max_tokens": DEFAULT_MAX_TOKENS}
+    """The sampling defaults of a DSPy LM on this engine: the ``dspy_hf`` and ``dspy`` rows of
+    ``mpdp.defaults`` (the README's table, which says why); None: the engine's own."""
+    row = sampling_defaults("dspy_hf" if engine == "hf" else "dspy")
+    return {"temperature": row.get("temperature"), "max_tokens": row.get("max_tokens")}
 
 
 def resolve_defaults(engine: str, temperature: Any, max_tokens: Any) -> tuple[Any, Any]:
@@ -300,9 +298,8 @@ def request_sampling(request: Request, defaults: dict[str, Any]) -> dict[str, An
         key = sorted(config.extensions)[0]
         raise _unsupported(f"the extension {key!r} is not supported", f"config.extensions.{key}")
     sampling: dict[str, Any] = {}
-    for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "presence_penalty",
-                 "frequency_penalty", "logprobs"):
-        value = getattr(config, name)
+    for name in _REQUEST_SCALARS:
+        value = getattr(config, name, None)
         if value is not None:
             sampling[name] = value
     if config.stop:
@@ -384,13 +381,13 @@ class _EngineBase:
     # outputs, xgrammar on hf), so DSPy's JSONAdapter sends the signature's schema.
     supports_response_schema = True
 
-    def __init__(self, pool: Any = None, *, spec: PoolSpec | None = None, handle: PoolHandle | None = None,
+    def __init__(self, pool: Any = None, *, config: PoolConfig | None = None, handle: PoolHandle | None = None,
                  keep_reasoning: bool = False, request_timeout: float | None = None,
                  reasoning_tags: tuple[str, str] = ("<think>", "</think>")):
         if handle is None:
-            if spec is None:
-                spec = spec_of_pool(pool, None) if pool is not None else PoolSpec()
-            handle = PoolHandle(spec, pool=pool)
+            if config is None:
+                config = config_of_pool(pool) if pool is not None else PoolConfig()
+            handle = PoolHandle(config, pool=pool)
         self.handle = handle
         self.keep_reasoning = bool(keep_reasoning)
         self.request_timeout = request_timeout
@@ -404,11 +401,11 @@ class _EngineBase:
     @property
     def supported_params(self) -> frozenset[str]:
         # DSPy's JSONAdapter sends response_format only where this lists it.
-        return _SAMPLING_PARAMS | {"response_format"}
+        return _SUPPORTED_PARAMS
 
     @property
     def model(self) -> str:
-        return self.handle.spec.model
+        return self.handle.config.model
 
     def _pool(self):
         """The pool, started if need be; failures as the lm15 errors DSPy reports without retrying."""
@@ -427,7 +424,7 @@ class _EngineBase:
 
         validate_request(request)
         messages = request_messages(request)
-        sampling = request_sampling(request, self.handle.spec.sampling)
+        sampling = request_sampling(request, self.handle.config.sampling.to_dict())
         pool = self._pool()
         try:
             return pool.submit(messages=messages, timeout=self.request_timeout, **sampling)
@@ -440,13 +437,14 @@ class _EngineBase:
 
     # Saving: DSPy records the class path and this state; load_state finds the live handle again.
     def dump_state(self) -> dict[str, Any]:
-        return {"key": self.handle.key, "spec": asdict(self.handle.spec),
+        return {"key": self.handle.key, "config": self.handle.config.to_dict(),
                 "keep_reasoning": self.keep_reasoning, "request_timeout": self.request_timeout,
                 "reasoning_tags": list(self.reasoning_tags)}
 
     @classmethod
     def load_state(cls, state: dict[str, Any]):
-        handle = PoolHandle.restore(state["key"], PoolSpec(**state["spec"]))
+        saved = state.get("config") or state["spec"]       # "spec": saved by an earlier mpdp
+        handle = PoolHandle.restore(state["key"], PoolConfig.from_dict(saved))
         return cls(handle=handle, keep_reasoning=state.get("keep_reasoning", False),
                    request_timeout=state.get("request_timeout"),
                    reasoning_tags=tuple(state.get("reasoning_tags") or ("<think>", "</think>")))
@@ -461,7 +459,7 @@ class _EngineBase:
 class MpdpEngine(_EngineBase):
     """The synchronous engine: ``dspy.LM(model, engine=MpdpEngine(pool), async_engine=...)``.
 
-    Give it a running ``pool`` to borrow, or a ``spec`` to start one on first use.
+    Give it a running ``pool`` to borrow, or a ``config`` (``PoolConfig``) to start one on first use.
     """
 
     def complete(self, request: Request) -> Response:
@@ -502,8 +500,11 @@ class AsyncMpdpEngine(_EngineBase):
         for event in lm15.response_to_events(await self.complete(request)):
             yield event
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
         self.handle.close()
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.handle.close)
 
 
 # ─── The LM ──────────────────────────────────────────────────────────────────
@@ -513,7 +514,9 @@ class LM(dspy.LM):
     """A ``dspy.LM`` served by an mpdp pool (recommended).
 
     ``engine`` names the pool's engine ("vllm", "hf", "echo"; None: "vllm" with vLLM and a GPU,
-    else "hf"). ``pool=`` serves through an existing pool instead of starting one.
+    else "hf"). Every ``PoolConfig`` field is a keyword here too (``num_gpus``, ``routing``,
+    ``max_pending``, ``launcher``, ...), or give ``config=PoolConfig(...)``; ``pool=`` serves
+    through an existing pool instead of starting one.
     ``temperature`` and ``max_tokens`` not given: greedy and 256 tokens on the hf engine, the
     model's own temperature and 2048 tokens elsewhere (:func:`dspy_defaults` says why). Sampling
     keywords DSPy carries (temperature, max_tokens, top_p, top_k, stop, seed, penalties,
@@ -525,15 +528,10 @@ class LM(dspy.LM):
     starts its pool on first use, and LMs saved together share one pool again.
     """
 
-    def __init__(self, model: str | None = None, engine: Any = None, *, num_workers: int | None = None,
-                 num_gpus: int | None = None, tensor_parallel_size: int = 1,
-                 engine_options: dict[str, Any] | None = None, pool: Any = None,
-                 keep_reasoning: bool = False, request_timeout: float | None = None,
-                 async_engine: Any = None, temperature: float | None = AUTO,
-                 max_tokens: int | None = AUTO, cache: bool = True, num_retries: int = 3,
-                 callbacks=None, model_type: str = "chat", launcher: str = "local",
-                 ray_address: str | None = None,
-                 **kwargs):
+    def __init__(self, model: str | None = None, engine: Any = None, *, config: PoolConfig | None = None,
+                 pool: Any = None, keep_reasoning: bool = False, request_timeout: float | None = None,
+                 async_engine: Any = None, temperature: float | None = AUTO, max_tokens: int | None = AUTO,
+                 cache: bool = True, num_retries: int = 3, callbacks=None, model_type: str = "chat", **kwargs):
         if lm15 is None:
             raise ImportError(f"mpdp.dspy.LM needs DSPy >= 3.4 (dspy.LM(engine=...)); this is DSPy "
                               f"{dspy.__version__}: use mpdp.dspy.PoolLM, or upgrade DSPy")
@@ -546,25 +544,19 @@ class LM(dspy.LM):
                 raise TypeError(f"engine names the pool's engine ('vllm', 'hf', 'echo'), not "
                                 f"{type(engine).__name__}; for an engine object use "
                                 "dspy.LM(model, engine=..., async_engine=...)")
-            dspy_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in DSPY_CARRIED | DSPY_LM_KEYWORDS}
-            pool_sampling, kwargs = kwargs, dspy_kwargs
             if pool is not None:
-                given = [name for name, value in (("engine", engine), ("num_workers", num_workers),
-                                                  ("num_gpus", num_gpus), ("engine_options", engine_options),
-                                                  *pool_sampling.items()) if value is not None]
+                given = [k for k, v in kwargs.items() if v is not None and k not in DSPY_CARRIED | DSPY_LM_KEYWORDS]
+                given = (["engine"] if engine is not None else []) + (["config"] if config else []) + given
                 if given:
                     raise TypeError(f"with pool=, {', '.join(given)} belong to the pool itself")
-                spec = spec_of_pool(pool, model)
+                pool_config = config_of_pool(pool, model)
+                kwargs = {k: v for k, v in kwargs.items() if k in DSPY_CARRIED | DSPY_LM_KEYWORDS}
             else:
-                from mpdp.config import check_sampling
-
-                check_sampling(pool_sampling)       # an unknown keyword fails here, not at the first call
-                spec = PoolSpec(model=model or DEFAULT_MODEL, engine=engine, num_workers=num_workers,
-                                num_gpus=num_gpus, tensor_parallel_size=tensor_parallel_size,
-                                engine_options=dict(engine_options or {}), sampling=dict(pool_sampling),
-                                launcher=launcher, ray_address=ray_address)
-            model = model or spec.model
-            sync_engine = MpdpEngine(pool, spec=spec, keep_reasoning=keep_reasoning,
+                # Pool settings (PoolConfig fields) and the pool's sampling defaults, checked now:
+                # an unknown keyword fails here, not at the first call.
+                pool_config, kwargs = lm_config(model, engine, config, kwargs, DSPY_CARRIED | DSPY_LM_KEYWORDS)
+            model = model or pool_config.model
+            sync_engine = MpdpEngine(pool, config=pool_config, keep_reasoning=keep_reasoning,
                                      request_timeout=request_timeout)
             async_engine = sync_engine.async_engine()
         temperature, max_tokens = resolve_defaults(sync_engine.handle.engine_name, temperature, max_tokens)
@@ -618,22 +610,23 @@ class PoolLM(dspy.BaseLM):
 
     _ids = itertools.count()
 
-    def __init__(self, model: str | None = None, engine: str | None = None, *, num_workers: int | None = None,
-                 num_gpus: int | None = None, tensor_parallel_size: int = 1,
-                 engine_options: dict[str, Any] | None = None, pool: Any = None, keep_reasoning: bool = False,
-                 request_timeout: float | None = None, temperature: float | None = AUTO,
-                 max_tokens: int | None = AUTO, cache: bool = False, **kwargs):
+    def __init__(self, model: str | None = None, engine: str | None = None, *, config: PoolConfig | dict | None = None,
+                 pool: Any = None, keep_reasoning: bool = False, request_timeout: float | None = None,
+                 temperature: float | None = AUTO, max_tokens: int | None = AUTO, cache: bool = False, **kwargs):
+        # A keyword naming a PoolConfig field is a pool setting; the rest are DSPy's call keywords.
+        settings = {k: kwargs.pop(k) for k in list(kwargs) if k in POOL_FIELDS}
         if pool is not None:
-            spec = spec_of_pool(pool, model)
+            given = (["engine"] if engine is not None else []) + (["config"] if config else []) + list(settings)
+            if given:
+                raise TypeError(f"with pool=, {', '.join(given)} belong to the pool itself")
+            pool_config = config_of_pool(pool, model)
         else:
-            spec = PoolSpec(model=model or DEFAULT_MODEL, engine=engine, num_workers=num_workers,
-                            num_gpus=num_gpus, tensor_parallel_size=tensor_parallel_size,
-                            engine_options=dict(engine_options or {}))
-        self.handle = PoolHandle(spec, pool=pool)
+            pool_config, _ = lm_config(model, engine, config, settings)
+        self.handle = PoolHandle(pool_config, pool=pool)
         self.keep_reasoning = keep_reasoning
         self.request_timeout = request_timeout
         temperature, max_tokens = resolve_defaults(self.handle.engine_name, temperature, max_tokens)
-        super().__init__(model=model or spec.model, temperature=temperature, max_tokens=max_tokens,
+        super().__init__(model=model or pool_config.model, temperature=temperature, max_tokens=max_tokens,
                          cache=cache, **kwargs)
 
     def _call_args(self, prompt, messages, kwargs):
@@ -691,10 +684,8 @@ class PoolLM(dspy.BaseLM):
         self.handle.close()
 
     def dump_state(self) -> dict[str, Any]:
-        spec = self.handle.spec          # the constructor's own keywords: BaseLM.load_state calls cls(**state)
-        return {**super().dump_state(), "engine": spec.engine, "num_workers": spec.num_workers,
-                "num_gpus": spec.num_gpus, "tensor_parallel_size": spec.tensor_parallel_size,
-                "engine_options": dict(spec.engine_options), "keep_reasoning": self.keep_reasoning,
+        # The constructor's own keywords: BaseLM.load_state calls cls(**state).
+        return {**super().dump_state(), "config": self.handle.config.to_dict(), "keep_reasoning": self.keep_reasoning,
                 "request_timeout": self.request_timeout}
 
 

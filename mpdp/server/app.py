@@ -101,6 +101,7 @@ class ServerState:
         self.served = served
         self.api_key = api_key
         self.request_timeout = request_timeout
+        self.defaults = endpoint_defaults(pool)
         self.admission = Admission(pool.max_pending, queue_timeout)
         self.registry = registry
         self.metrics = RequestMetrics(registry)
@@ -291,8 +292,19 @@ async def _handle(request: Request, state: ServerState, kind: str) -> Response:
             state.end()
 
 
+def endpoint_defaults(pool) -> dict[str, dict]:
+    """Each endpoint's sampling defaults (``mpdp.defaults``, the ``serve_*`` rows), less what the
+    pool sets itself (``--max-tokens`` and the like, or a pool of the caller's own): chat without
+    max_tokens generates up to the context, as OpenAI's API and ``vllm serve`` do."""
+    from mpdp.defaults import sampling_defaults
+
+    own = getattr(pool, "defaults", None) or {}
+    return {kind: {k: v for k, v in sampling_defaults(door).items() if k not in own}
+            for kind, door in ((parsing.CHAT, "serve_chat"), (parsing.COMPLETION, "serve_completions"))}
+
+
 def _pool_kwargs(state: ServerState, p: parsing.Parsed, inp: dict) -> dict:
-    return {**inp, "timeout": state.request_timeout, **p.sampling}
+    return {**inp, "timeout": state.request_timeout, **state.defaults[p.kind], **p.sampling}
 
 
 async def _open_streams(state: ServerState, p: parsing.Parsed) -> list:

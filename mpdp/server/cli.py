@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from mpdp.cli_args import add_pool_arguments, parse_option, positive as _positive, seconds as _seconds
+from mpdp.cli_args import add_pool_arguments, add_sampling_arguments, seconds as _seconds
 from mpdp.server.bind import check_bind
 
 HELP = "serve a pool over an OpenAI-compatible HTTP API (chat, completions, streaming, /metrics)"
@@ -35,20 +35,10 @@ def _port(text: str) -> int:
     return value
 
 
-def _option(text: str) -> tuple[str, object]:
-    try:
-        return parse_option(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    pool = p.add_argument_group("pool")
-    add_pool_arguments(pool, engine_option_type=_option, exclusive_counts=True)
-    pool.add_argument("--max-pending", type=_positive, default=100_000, metavar="N",
-                      help="requests the pool holds at once; more wait for room (default: %(default)s)")
-    pool.add_argument("--max-tokens", type=_positive, default=None, metavar="N",
-                      help="default max_tokens of a request that gives none (default: the engine's)")
+    add_pool_arguments(p)                  # every PoolConfig field, as mpdp generate has them
+    # defaults: mpdp.defaults, a row per endpoint (the app fills in each one's own)
+    add_sampling_arguments(p, {"chat": "serve_chat", "completions": "serve_completions"})
 
     http = p.add_argument_group("http")
     http.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
@@ -85,15 +75,18 @@ def run(args) -> int:
         return 2
 
     from mpdp import errors
+    from mpdp.cli_args import pool_config
     from mpdp.pool import Pool
     from mpdp.server.lifecycle import serve
 
-    sampling = {"max_tokens": args.max_tokens} if args.max_tokens else {}
     try:
         # wait_ready=False: the HTTP server is up (and /health says "starting") while engines load.
-        pool = Pool(args.model, engine=args.engine, num_workers=args.num_workers, num_gpus=args.num_gpus,
-                    tensor_parallel_size=args.tensor_parallel_size, engine_options=dict(args.engine_option),
-                    routing=args.routing, max_pending=args.max_pending, wait_ready=False, **sampling)
+        config = pool_config(args, wait_ready=False)
+    except (ValueError, TypeError) as exc:      # found in this process: no worker was started
+        print(f"mpdp serve: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        pool = Pool(config=config)
     except (ValueError, TypeError, OSError, RuntimeError) as exc:
         print(f"mpdp serve: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, (ValueError, TypeError)) else 1
