@@ -6,13 +6,16 @@ configs from JSON that fail naming their field. Servers are real ``mpdp serve`` 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import select
+import signal
 import socket
 import threading
 import time
 from urllib.parse import urlsplit
 
+import httpx
 import openai
 import psutil
 import pytest
@@ -20,6 +23,8 @@ import pytest
 import mpdp
 from conftest import wait_until
 from mpdp.config import PoolConfig
+from mpdp.openai_api.response import APIError
+from mpdp.server.admission import Admission
 from mpdp.server.app import MAX_BODY_BYTES
 from mpdp.server.bind import check_bind
 from test_server_support import ServerProcess, sum_samples
@@ -110,6 +115,51 @@ def test_multi_prompt_requests_take_their_places_at_once(tmp_path):
         assert all(results[f"one{i}"].choices[0].text == f"blocker {i}" for i in range(4))
     finally:
         assert s.stop() == 0
+
+
+def test_admission_grants_whole_requests_in_arrival_order():
+    async def settle():                    # let every task that can run, run
+        for _ in range(10):
+            await asyncio.sleep(0)
+
+    async def scenario():
+        room = Admission(4, timeout=None)
+        await room.take(4)
+        a = asyncio.ensure_future(room.take(3))
+        b = asyncio.ensure_future(room.take(3))
+        c = asyncio.ensure_future(room.take(1))
+        await settle()
+        assert room.waiting == 7
+        for _ in range(2):                  # places coming back one at a time go to no one...
+            room.give(1)
+            await settle()
+            assert not (a.done() or b.done() or c.done())
+        room.give(1)                        # ...until the first in line has all of its own
+        await settle()
+        assert a.done() and not b.done() and not c.done()
+        room.give(1)
+        await settle()
+        assert not b.done() and not c.done()    # c would fit, but b came first
+        b.cancel()                          # the one ahead leaves: the next ones move up
+        await settle()
+        assert c.done() and room.free == 0 and room.waiting == 0
+        d = asyncio.ensure_future(room.take(2))
+        await settle()
+        room.close(lambda: APIError(503, "closing"))
+        with pytest.raises(APIError):
+            await d
+        with pytest.raises(APIError):
+            await room.take(1)
+        with pytest.raises(APIError) as info:
+            await Admission(4, None).take(5)
+        assert info.value.status == 400
+        full = Admission(1, timeout=0.01)   # nothing gives its place back: queue_timeout, then 503
+        await full.take(1)
+        with pytest.raises(APIError) as info:
+            await full.take(1)
+        assert info.value.status == 503 and info.value.code == "queue_timeout" and full.waiting == 0
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
 
 
 def test_a_request_that_can_never_fit_is_a_400_at_once(tmp_path):
@@ -223,3 +273,69 @@ def test_a_chunked_upload_is_cut_off_at_the_limit_while_it_is_read(tmp_path):
         assert client.completions.create(model="m", prompt="after", max_tokens=5).choices[0].text == "after"
     finally:
         assert s.stop() == 0
+
+
+# -- requests cut off at the end of the shutdown grace ----------------------------------------------
+@pytest.mark.parametrize("how", ["grace-ends", "second-signal"])
+def test_requests_left_when_the_grace_ends_get_a_503_or_an_error_event_then_done(tmp_path, how):
+    # delay_s=120: every request is held until the grace ends (1 s, or a second SIGTERM). Four hold
+    # the pool's places (two streamed, two not); a fifth waits for room.
+    grace = "1" if how == "grace-ends" else "600"
+    s = ServerProcess("--engine", "echo", "--num-workers", "1", "--served-model-name", "m", "--max-pending", "4",
+                      "--engine-option", "delay_s=120", "--shutdown-grace", grace, tmp_path=tmp_path)
+    results: dict = {}
+
+    def post(name):
+        try:
+            r = httpx.post(s.base + "/chat/completions", json=_chat(name), timeout=90)
+            results[name] = (r.status_code, r.headers.get("content-type", ""), r.text)
+        except Exception as exc:           # noqa: BLE001 - reported by the assertions below
+            results[name] = exc
+
+    def stream(name):
+        try:
+            with httpx.stream("POST", s.base + "/chat/completions", json=_chat(name, stream=True), timeout=90) as r:
+                results[name] = (r.status_code, [line for line in r.iter_lines() if line.startswith("data: ")])
+        except Exception as exc:           # noqa: BLE001
+            results[name] = exc
+
+    def metric(name: str) -> float:
+        return sum_samples(s.metrics(), name)
+
+    threads = [threading.Thread(target=f, args=(name,)) for f, name in
+               ((post, "plain 1"), (post, "plain 2"), (stream, "stream 1"), (stream, "stream 2"))]
+    try:
+        for t in threads:
+            t.start()
+        wait_until(lambda: metric("mpdp:num_requests_running") == 4, 60, what="four requests to run")
+        threads.append(threading.Thread(target=post, args=("waiting",)))
+        threads[-1].start()
+        wait_until(lambda: metric("mpdp:num_requests_waiting") == 1, 60, what="a request to wait for room")
+        s.proc.send_signal(signal.SIGTERM)
+        if how == "second-signal":
+            s.wait_line("draining 5 requests in flight", 60)
+            s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(90) == 0
+        for t in threads:
+            t.join(60)
+    finally:
+        assert s.stop() == 0
+    for name in ("plain 1", "plain 2", "waiting"):
+        status, kind, text = results[name] if isinstance(results[name], tuple) else (results[name], "", "")
+        assert status == 503 and kind.startswith("application/json"), (name, results[name])
+        assert json.loads(text)["error"]["code"] == "shutting_down"
+    for name in ("stream 1", "stream 2"):
+        assert isinstance(results[name], tuple), (name, results[name])
+        status, lines = results[name]
+        assert status == 200 and lines[-1] == "data: [DONE]", (name, lines[-3:])
+        assert json.loads(lines[-2][6:])["error"]["code"] == "shutting_down"
+        assert "".join(c["delta"].get("content") or "" for line in lines[:-2]
+                       for c in json.loads(line[6:])["choices"]), "the stream sent nothing before the cut"
+    said = "grace of 1s passed: cancelling 5" if how == "grace-ends" else "SIGTERM again: cancelling"
+    assert any(said in line for line in s.lines), s.lines
+    log = "\n".join(s.lines)
+    assert "Traceback" not in log and "Exception in ASGI application" not in log, log
+
+
+def _chat(text: str, **extra) -> dict:
+    return {"model": "m", "messages": [{"role": "user", "content": text}], "max_tokens": 500, **extra}

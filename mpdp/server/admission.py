@@ -7,14 +7,15 @@ give back, until ``queue_timeout``. A request that can never fit is refused at o
 than held until the timeout while it blocks everyone behind it.
 
 Waiting happens on the event loop, never on threads, bounded by ``queue_timeout`` (then 503), and
-a waiting request is never dropped. ``close(error)`` (the end of a drain) fails every waiter with
-``error`` and refuses later takes.
+a waiting request is never dropped. ``close(error)`` (the end of a drain's grace) fails every
+waiter with ``error()`` and refuses later takes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+from typing import Callable
 
 from mpdp.openai_api.response import APIError
 
@@ -25,12 +26,12 @@ class Admission:
         self.free = size
         self.waiting = 0                   # places asked for by the requests waiting (a metric)
         self._queue: collections.deque[tuple[int, asyncio.Future]] = collections.deque()
-        self._closed: APIError | None = None
+        self._closed: Callable[[], APIError] | None = None
 
     async def take(self, k: int) -> None:
         """Take ``k`` places, all at once; wait (first come, first served) while they are not free."""
         if self._closed is not None:
-            raise self._closed
+            raise self._closed()
         if k > self.size:
             raise APIError(400, f"this request has {k} prompts, more than the server ever runs at once "
                            f"(max_pending={self.size}): send them in requests of at most {self.size}",
@@ -60,13 +61,13 @@ class Admission:
         self.free += k
         self._grant()
 
-    def close(self, error: APIError) -> None:
-        """Fail every waiting request with ``error``, and every later ``take``."""
+    def close(self, error: Callable[[], APIError]) -> None:
+        """Fail every waiting request with ``error()``, and every later ``take``."""
         self._closed = error
         while self._queue:
             _, waiter = self._queue.popleft()
             if not waiter.done():
-                waiter.set_exception(error)
+                waiter.set_exception(error())
 
     def _remove(self, entry) -> None:
         try:

@@ -12,7 +12,9 @@ requests race the pool's answer against ``http.disconnect``; streamed ones alway
 (``_SSEResponse``), whatever ASGI version the server speaks.
 
 ``ServerState.begin_drain()`` (called on SIGTERM by ``lifecycle``) makes ``/health`` answer 503
-and new requests 503 while the requests in flight finish.
+and new requests 503 while the requests in flight finish; ``end_grace()`` stops those still in
+flight when the grace ends, each answered (503 ``shutting_down``, or an error event and ``[DONE]``
+in a stream) before the server stops.
 """
 
 from __future__ import annotations
@@ -56,20 +58,51 @@ class _SSEResponse(StreamingResponse):
     gone client only at its next write: a request the engine holds without output would then
     stay in the engine until it finished.)"""
 
-    def __init__(self, content, on_close, **kwargs):
+    def __init__(self, content, on_close, state: "ServerState", **kwargs):
         super().__init__(content, **kwargs)
-        self.on_close = on_close
+        self.on_close, self.state = on_close, state
+        self.started = self.ended = False
+
+    async def stream_response(self, send) -> None:
+        """Starlette's, noting how far it got (the body is bytes already)."""
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        self.started = True
+        async for chunk in self.body_iterator:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        self.ended = True
 
     async def __call__(self, scope, receive, send) -> None:
+        cut = streaming = False
+
+        def cut_short(_) -> None:          # the shutdown grace ended: stop here, say why below
+            nonlocal cut
+            if streaming:                  # (a callback already scheduled may come after the end)
+                cut = True
+                group.cancel_scope.cancel()
+
+        cut_off = self.state.cut_off
         try:
             async with anyio.create_task_group() as group:
                 async def run_then_cancel(func) -> None:
                     await func()
                     group.cancel_scope.cancel()
 
+                streaming = True
+                cut_off.add_done_callback(cut_short)
                 group.start_soon(run_then_cancel, partial(self.stream_response, send))
                 await run_then_cancel(partial(self.listen_for_disconnect, receive))
+            streaming = False
+            if cut and not self.ended:
+                # An error event then [DONE] (as for any error after the stream began), not a cut stream.
+                if not self.started:
+                    await send({"type": "http.response.start", "status": self.status_code,
+                                "headers": self.raw_headers})
+                await send({"type": "http.response.body", "more_body": False,
+                            "body": sse.event(self.state.shutdown_error().body()) + sse.DONE})
         finally:
+            streaming = False
+            cut_off.remove_done_callback(cut_short)
             self.on_close()      # also when the body never started (the client left at once)
 
 
@@ -109,6 +142,7 @@ class ServerState:
         self.draining = False
         self.in_flight = 0
         self._idle: asyncio.Event | None = None
+        self._cut_off: asyncio.Future | None = None
 
     # -- the drain -----------------------------------------------------------------------------
     def begin(self) -> None:
@@ -124,6 +158,26 @@ class ServerState:
 
     def begin_drain(self) -> None:
         self.draining = True
+
+    @property
+    def cut_off(self) -> asyncio.Future:
+        """Done when the grace ends: what is still in flight then stops with ``shutdown_error``."""
+        if self._cut_off is None:              # made in the serving loop, not at import
+            self._cut_off = asyncio.get_running_loop().create_future()
+        return self._cut_off
+
+    def end_grace(self) -> None:
+        """Stop every request in flight now, each with an answer (a 503, or in a stream an error
+        event and ``[DONE]``), before the server stops: cancelled by uvicorn instead, they got a
+        plain-text 500 or a cut stream, and a traceback each in the log."""
+        self.admission.close(self.shutdown_error)
+        if not self.cut_off.done():
+            self.cut_off.set_result(None)
+
+    @staticmethod
+    def shutdown_error() -> APIError:
+        return APIError(503, "the server shut down before this request finished (its shutdown grace ended)",
+                        "service_unavailable_error", None, "shutting_down")
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no request is in flight (True) or ``timeout`` passed (False)."""
@@ -271,7 +325,8 @@ async def _handle(request: Request, state: ServerState, kind: str) -> Response:
                 held = _Streams(state, await _open_streams(state, p), k)
                 state.metrics.observe_queue(queued)
                 ended = True           # from here the response (or its body) lets go
-                return _SSEResponse(_events(state, p, held, arrived), held.close, media_type="text/event-stream",
+                return _SSEResponse(_events(state, p, held, arrived), held.close, state,
+                                    media_type="text/event-stream",
                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             return await _answer(request, state, p, arrived, queued)
         finally:
@@ -326,8 +381,10 @@ async def _answer(request: Request, state: ServerState, p: parsing.Parsed, arriv
     results = tasks[0] if len(tasks) == 1 else asyncio.gather(*tasks)
     gone = asyncio.ensure_future(_disconnected(request))
     try:
-        done, _ = await asyncio.wait((results, gone), return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait((results, gone, state.cut_off), return_when=asyncio.FIRST_COMPLETED)
         if results not in done:        # cancelling a task that awaits a pool future aborts the request
+            if gone not in done:
+                raise state.shutdown_error()
             raise asyncio.CancelledError("the client disconnected")
         completions = [results.result()] if len(tasks) == 1 else results.result()
     except BaseException:

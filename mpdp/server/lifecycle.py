@@ -2,9 +2,9 @@
 
 SIGTERM or SIGINT starts a drain: ``/health`` answers 503 and new requests 503 (the port stays
 open, so a load balancer sees the drain instead of refused connections), the requests in flight
-finish, for at most ``grace`` seconds; then uvicorn stops, cancelling what is left (a cancelled
-request is aborted in its engine), and a pool the server owns is closed. A second signal skips
-the rest of the grace. uvicorn's own handlers are replaced, not chained: they would re-raise the
+finish, for at most ``grace`` seconds; then what is left is stopped (aborted in its engine) and
+answered 503 ``shutting_down`` (a stream: an error event, then ``[DONE]``), uvicorn stops, and a
+pool the server owns is closed. A second signal skips the rest of the grace. uvicorn's own handlers are replaced, not chained: they would re-raise the
 signal after the server stopped and turn a clean stop into death by SIGTERM.
 """
 
@@ -43,6 +43,7 @@ class _Server(uvicorn.Server):
         self.exit_code = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_task: asyncio.Task | None = None
+        self._skip_grace: asyncio.Event | None = None
         self._watch_task: asyncio.Task | None = None
 
     @contextlib.contextmanager
@@ -65,10 +66,11 @@ class _Server(uvicorn.Server):
     def stop(self, why: str = "stop") -> None:
         """Drain, then exit (from the loop's thread); a second call ends the grace at once."""
         if self._drain_task is None:
+            self._skip_grace = asyncio.Event()
             self._drain_task = asyncio.ensure_future(self._drain(why))
         else:
             _say(f"{why} again: cancelling the requests in flight now")
-            self.should_exit = True
+            self._skip_grace.set()
 
     async def _drain(self, why: str) -> None:
         self.state.begin_drain()
@@ -76,8 +78,19 @@ class _Server(uvicorn.Server):
             _say(f"{why}: draining {self.state.in_flight} requests in flight (up to {self.grace:g}s)")
         else:
             _say(f"{why}: stopping")
-        if not await self.state.wait_idle(self.grace):
-            _say(f"grace of {self.grace:g}s passed: cancelling {self.state.in_flight} requests")
+        idle = asyncio.ensure_future(self.state.wait_idle(self.grace))
+        skip = asyncio.ensure_future(self._skip_grace.wait())
+        await asyncio.wait((idle, skip), return_when=asyncio.FIRST_COMPLETED)
+        skipped = skip.done()
+        idle.cancel()
+        skip.cancel()
+        if self.state.in_flight:
+            if not skipped:
+                _say(f"grace of {self.grace:g}s passed: cancelling {self.state.in_flight} requests")
+            # Answered by the app (503, or an error event in a stream) while the server still runs.
+            self.state.end_grace()
+            if not await self.state.wait_idle(FINAL_FLUSH_S):
+                _say(f"{self.state.in_flight} requests did not stop within {FINAL_FLUSH_S:g}s")
         self.should_exit = True
 
     async def startup(self, sockets=None) -> None:
