@@ -107,9 +107,9 @@ class vLLMOfflineMultiGPU(LM):  # noqa: N801 - the seed's name
         sampling.update({k: v for k, v in overrides.items() if v is not None})
         pool = self.pool
         start = time.monotonic()
-        completions = pool.generate(items, timeout=self._engine_spec.request_timeout, **sampling)
+        completions = pool.generate(items, timeout=self.engine.request_timeout, **sampling)
         self._log_distribution(pool, completions, time.monotonic() - start)
-        tags = self._engine_spec.reasoning_tags
+        tags = self.engine.reasoning_tags
         if sampling.get("n", 1) > 1:
             return [[split_reasoning(text, tags)[1] for text in c.choices] for c in completions]
         return [split_reasoning(c.text, tags)[1] for c in completions]

@@ -70,3 +70,41 @@ def test_vllm_request_errors_are_the_callers_fault():
     died = RuntimeError("engine core died")
     assert request_error(died) is None       # not bad input: raised as it is, the request's EngineError
     assert EngineResult.failure(1, died).error_type == "EngineError"
+
+
+# -- DSPy: the LM's pool through DSPy's public API ----------------------------------------------------
+def test_dspy_lm_reaches_its_pool_through_the_public_engine(monkeypatch):
+    dspy = pytest.importorskip("dspy")
+    from mpdp.integrations import dspy as mdspy
+
+    if mdspy.lm15 is None:
+        pytest.skip(f"mpdp.dspy.LM needs DSPy >= 3.4, this is {dspy.__version__}")
+    lm = mdspy.LM("echo-model", engine="echo", num_workers=1, cache=False)
+    assert lm.handle is lm.engine.handle and not lm.pool_started       # nothing started
+    marker = types.SimpleNamespace(handle=object())
+    monkeypatch.setattr(dspy.LM, "engine", property(lambda self: marker))
+    assert lm.handle is marker.handle          # not DSPy's private _engine_spec
+
+
+def test_what_the_tests_run_on_is_inside_the_declared_ranges():
+    """The ranges in setup.cfg cover the versions these tests ran on (their upper bounds are the
+    newest checked: a newer install fails here until it is checked and the bound moved)."""
+    import importlib.metadata
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+    from setuptools.config.setupcfg import read_configuration
+
+    options = read_configuration(Path(__file__).resolve().parents[1] / "setup.cfg")["options"]
+    here = ".".join(map(str, sys.version_info[:3]))
+    assert here in SpecifierSet(options["python_requires"])
+    for extra in ("vllm", "dspy", "ray"):
+        (requirement,) = map(Requirement, options["extras_require"][extra])
+        assert any(spec.operator == ">=" for spec in requirement.specifier), requirement   # a lower bound
+        assert any(spec.operator == "<" for spec in requirement.specifier), requirement    # an upper bound
+        try:
+            installed = importlib.metadata.version(requirement.name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        assert requirement.specifier.contains(installed, prereleases=True), (extra, installed, requirement)

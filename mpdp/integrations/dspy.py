@@ -566,7 +566,7 @@ class LM(dspy.LM):
 
     @property
     def handle(self) -> PoolHandle:
-        return self._engine_spec.handle
+        return self.engine.handle        # dspy.LM.engine: the engine object given (DSPy 3.4)
 
     @property
     def pool(self):
