@@ -181,6 +181,16 @@ class PoolRunner:
 RUNNERS = {"llm": LLMRunner, "pool": PoolRunner}
 
 
+def runner_class(kind: str):
+    """A runner by name, or "module:Class" for a runner another benchmark defines."""
+    if ":" not in kind:
+        return RUNNERS[kind]
+    import importlib
+
+    module, name = kind.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def host_main(conn, spec: dict) -> None:
     """A child process: build the engine, warm it up, then serve prepare/go/stop from the parent."""
     os.setsid()                                   # the parent can kill this host and its engines as one group
@@ -192,7 +202,7 @@ def host_main(conn, spec: dict) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(spec["gpus"])   # before torch or vLLM load
     try:
         t0 = time.perf_counter()
-        runner = RUNNERS[spec["kind"]](spec)
+        runner = runner_class(spec["kind"])(spec)
         start_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         runner.prepare(tiny_requests(WARMUP_REQUESTS_PER_GPU * len(spec["gpus"])), SAMPLING, "generate", 1)
@@ -220,13 +230,13 @@ def host_main(conn, spec: dict) -> None:
 class Host:
     """The parent's handle on one host process."""
 
-    def __init__(self, name: str, kind: str, gpus: list[str], args, log_dir: Path):
+    def __init__(self, name: str, kind: str, gpus: list[str], args, log_dir: Path, extra: dict | None = None):
         self.name, self.kind, self.gpus = name, kind, gpus
         self.log_path = log_dir / f"{name}.log"
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
         spec = {"kind": kind, "gpus": gpus, "model": args.model, "engine_options": args.engine_options,
-                "log_path": str(self.log_path)}
+                "log_path": str(self.log_path), **(extra or {})}
         # Not daemonic: vLLM and mpdp start processes of their own.
         self.proc = ctx.Process(target=host_main, args=(child, spec), name=f"bench-{name}", daemon=False)
         self.proc.start()

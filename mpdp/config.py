@@ -225,6 +225,24 @@ def _positive(name: str, v: Any, *, integer: bool = False, allow_none: bool = Fa
 
 
 LAUNCHERS = ("local", "ray")
+BATCH_LIMIT_MODES = ("auto", "adaptive", "off")
+
+
+def check_batch_limit(value: Any) -> str | int:
+    """``batch_limit``: "auto" (the engine's default), "adaptive", "off" or a positive int."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or (
+            isinstance(value, str) and value not in BATCH_LIMIT_MODES):
+        raise ValueError(f"batch_limit must be 'auto', 'adaptive', 'off' or a positive int, not {value!r}")
+    if isinstance(value, int) and value < 1:
+        raise ValueError(f"batch_limit must be >= 1, got {value}")
+    return value
+
+
+def _batch_limit_arg(text: str) -> str | int:
+    try:
+        return check_batch_limit(int(text) if text.strip().isdigit() else text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 # ─── Command-line forms ──────────────────────────────────────────────────────
@@ -336,6 +354,11 @@ class PoolConfig:
     # cache_aware: measured never worse than least_loaded (bench/RESULTS.md)
     routing: str = _setting("cache_aware", Flag("how requests are placed on workers", choices=_policies))
     max_batch: int = _setting(512, Flag("requests per micro-batch frame", "N", positive_int))
+    # requests each engine holds; the rest wait in the pool's queue (mpdp/core/batch_limits.py)
+    batch_limit: str | int = _setting("auto", Flag("requests each engine holds: auto (the engine's default: "
+                                                   "adaptive for vllm, else off), adaptive, off (what the "
+                                                   "engine advertises) or a number", "auto|adaptive|off|N",
+                                                   _batch_limit_arg))
     max_pending: int = _setting(100_000, Flag("requests the pool holds at once; more wait for room", "N",
                                               positive_int))
     max_crashes: int = _setting(2, Flag("worker crashes a request may take part in before it fails", "N",
@@ -387,6 +410,7 @@ class PoolConfig:
                 _positive(name, v, integer=True)
         _positive("tensor_parallel_size", self.tensor_parallel_size, integer=True)
         _positive("max_batch", self.max_batch, integer=True)
+        check_batch_limit(self.batch_limit)
         _positive("max_pending", self.max_pending, integer=True)
         _positive("max_crashes", self.max_crashes, integer=True)
         _positive("heartbeat_interval", self.heartbeat_interval)

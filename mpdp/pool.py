@@ -31,9 +31,10 @@ from typing import Any, Iterable, Iterator
 
 from mpdp import errors
 from mpdp.config import DEFAULT_MODEL, PoolConfig, SamplingParams, split_settings
-from mpdp.core import kv_events
+from mpdp.core import batch_limits, kv_events
 from mpdp.core.admission import Admission, PoolState
-from mpdp.core.dispatcher import Close, Dispatcher, Entry, Submit, finite_deadline
+from mpdp.core.batch_limits import BatchLimits
+from mpdp.core.dispatcher import Close, Dispatcher, Entry, SetBatchLimit, Submit, finite_deadline
 from mpdp.core.futures import PoolFuture, failed_future
 from mpdp.core.supervisor import LaunchConfig, Supervisor, plan_slots
 from mpdp.engines import check_sampling, engine_class, resolve_model
@@ -121,7 +122,8 @@ class Pool:
                 heartbeat_timeout=config.heartbeat_timeout or engine_cls.heartbeat_timeout,
                 step_timeout=config.step_timeout,
                 ready_timeout=config.ready_timeout or engine_cls.ready_timeout,
-                shutdown_timeout=config.shutdown_timeout)
+                shutdown_timeout=config.shutdown_timeout,
+                batch_limits=BatchLimits(batch_limits.resolve(config.batch_limit, engine_cls)))
         except BaseException:          # the endpoint could not be bound: nothing may stay behind
             if remote is not None:
                 remote.close()
@@ -390,6 +392,12 @@ class Pool:
     def start_error(self) -> BaseException | None:
         """Why the workers could not start (the pool is then broken), or None."""
         return self._dispatcher.start_error
+
+    def set_batch_limit(self, batch_limit: str | int) -> None:
+        """Change how many requests each engine holds, at run time: "auto", "adaptive", "off" or
+        an int (see PoolConfig.batch_limit). Requests in flight are untouched."""
+        setting = batch_limits.resolve(batch_limit, self.engine_info)
+        self._dispatcher.post(SetBatchLimit(setting))
 
     def stats(self) -> dict[str, Any]:
         """A snapshot the dispatcher publishes in its next round."""

@@ -9,9 +9,10 @@
 #   scripts/gpu_session.sh OUT_DIR serve    mpdp serve vs vllm serve (SmolLM2 shape)
 #   scripts/gpu_session.sh OUT_DIR recovery two vLLM workers on one GPU, one SIGKILLed mid-run
 #   scripts/gpu_session.sh OUT_DIR ray      vLLM through the Ray launcher vs the local one (Ray on loopback)
+#   scripts/gpu_session.sh OUT_DIR batch    the adaptive batch limit vs bare vLLM at its defaults and at 512
 set -uo pipefail
-out=${1:?usage: scripts/gpu_session.sh OUT_DIR core|prefix|ceiling|serve|recovery|ray}
-part=${2:?part: core, prefix, ceiling, serve, recovery or ray}
+out=${1:?usage: scripts/gpu_session.sh OUT_DIR core|prefix|ceiling|serve|recovery|ray|batch}
+part=${2:?part: core, prefix, ceiling, serve, recovery, ray or batch}
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -76,6 +77,13 @@ ray)
     --order "${MPDP_RAY_ORDER:-local,ray}" \
     --engine-options '{"load_format": "dummy", "enforce_eager": true, "gpu_memory_utilization": 0.4, "max_model_len": 2048}' \
     --json "$out/ray.json" 2>&1 | tail -30 > "$out/ray.log"
+  ;;
+batch)
+  # 2,048 x 512 tokens, 8B shape, CUDA graphs: mpdp (adaptive, then the old credit) on one engine,
+  # then bare LLM.generate at its defaults and at max_num_seqs 512; what does not fit is skipped.
+  timeout 540 python3 -m bench.batch_limit --model "$big" --requests 2048 --max-tokens 512 \
+    --bare-sweep ${MPDP_BATCH_SWEEP:-512,768,256} --budget-s ${MPDP_BATCH_BUDGET:-510} \
+    --json "$out/batch_limit.json" 2>&1 | tail -40 > "$out/batch_limit.log"
   ;;
 *) echo "unknown part $part" >&2; exit 2;;
 esac

@@ -41,6 +41,7 @@ import zmq
 
 from mpdp import errors
 from mpdp.core.admission import Admission, PoolState
+from mpdp.core.batch_limits import BatchLimits
 from mpdp.core.supervisor import Slot, SlotState, Supervisor, describe
 from mpdp.engines.base import Engine, EngineRequest, EngineResult
 from mpdp.gcpause import gc_paused
@@ -90,11 +91,18 @@ class PublishStats:
     done: threading.Event
 
 
+@dataclass(slots=True)
+class SetBatchLimit:
+    setting: object                      # checked by the caller (batch_limits.check_setting)
+
+
 class Dispatcher:
     def __init__(self, supervisor_factory, transport: Transport, scheduler: Scheduler, admission: Admission, *,
                  heartbeat_interval: float, heartbeat_timeout: float, ready_timeout: float,
-                 shutdown_timeout: float, step_timeout: float | None = None):
+                 shutdown_timeout: float, step_timeout: float | None = None,
+                 batch_limits: BatchLimits | None = None):
         self.transport = transport
+        self.batch_limits = batch_limits or BatchLimits("off")   # each worker's credit (core/batch_limits.py)
         self.scheduler = scheduler
         self.admission = admission
         self.heartbeat_interval = heartbeat_interval
@@ -267,6 +275,9 @@ class Dispatcher:
                 elif type(command) is PublishStats:
                     self._publish_stats(now)
                     command.done.set()
+                elif type(command) is SetBatchLimit:
+                    for index, credit in self.batch_limits.set(command.setting).items():
+                        self.scheduler.set_capacity(index, credit)
             self._woken = False
             if not commands:
                 return
@@ -327,6 +338,8 @@ class Dispatcher:
                     self._on_ready(slot, protocol.Ready.from_wire(body), now)
                 elif tag == Tag.HEARTBEAT:
                     self._on_heartbeat(slot, protocol.Heartbeat.from_wire(body), now)
+                elif tag == Tag.STEPS:
+                    self._on_steps(slot, protocol.steps_from_wire(body), now)
                 elif tag == Tag.DEAD:
                     slot.last_error = str(body.get("error", "")) if isinstance(body, dict) else str(body)
                 else:
@@ -365,7 +378,8 @@ class Dispatcher:
         slot.kv_cache_tokens = ready.kv_cache_tokens
         slot.step_timeout = self.step_timeout or ready.step_timeout or Engine.step_timeout
         slot.node = ready.node or slot.node
-        self.scheduler.add_worker(slot.index, slot.capacity, ready.to_wire())
+        credit = self.batch_limits.worker_ready(slot.index, slot.capacity, ready.extra)
+        self.scheduler.add_worker(slot.index, credit, ready.to_wire())
         log.info("mpdp: worker %d ready (pid %s, capacity %d) after %.1fs",
                  slot.index, ready.pid, slot.capacity, now - slot.started_at)
         if all(s.state == SlotState.READY for s in self.slots) and not self._ever_running:
@@ -405,6 +419,12 @@ class Dispatcher:
                 entry.sink(res)
         slot.last_result = now
 
+    def _on_steps(self, slot: Slot, body: dict, now: float) -> None:
+        # Saturated: requests were waiting for room, so the limit is what bounds this engine.
+        credit = self.batch_limits.steps(slot.index, body, self.scheduler.num_waiting > 0, now)
+        if credit is not None:
+            self.scheduler.set_capacity(slot.index, credit)
+
     # -- deaths, timers -----------------------------------------------------------------------------
     def _on_death(self, slot: Slot, now: float) -> None:
         was_starting = slot.state == SlotState.STARTING
@@ -413,6 +433,7 @@ class Dispatcher:
         self._by_identity.pop(slot.beat_identity, None)
         log.warning("mpdp: %s", cause)
         _, failed = self.scheduler.worker_died(slot.index)
+        self.batch_limits.worker_gone(slot.index)
         if failed:
             tail = self.supervisor.stderr_tail(slot)   # read the log once, not once per request
             for ticket in failed:
@@ -557,9 +578,17 @@ class Dispatcher:
             # What its engine is doing, as its last heartbeat said: a slow worker shows here.
             w["engine_call"] = s.call
             w["busy_s"] = round(now - s.call_since, 3) if s.call is not None and s.alive else 0.0
+            if load is not None:
+                w.update(self.batch_limits.describe(s.index))
             workers.append(w)
+        waiting = self.scheduler.num_waiting
+        limits = self.batch_limits
+        for index, credit in limits.tick(now, len(self._pending), waiting,
+                                         sum(len(x.in_flight) for x in loads.values())).items():
+            self.scheduler.set_capacity(index, credit)
         self.snapshot = {"workers": workers, "pending": len(self._pending),
-                         "waiting": self.scheduler.num_waiting, "dropped_frames": self.dropped_frames}
+                         "waiting": waiting, "dropped_frames": self.dropped_frames,
+                         "batch_limit": limits.setting, "underfill": limits.underfill}
         self._last_stats = now
 
     def _shutdown_workers(self) -> None:

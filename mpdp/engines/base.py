@@ -145,6 +145,8 @@ class Engine(abc.ABC):
     # engine may set it per instance (from its model's size); READY carries it to the pool;
     # the pool's step_timeout= overrides it.
     step_timeout: float = 120.0
+    # What PoolConfig.batch_limit="auto" means for it: "adaptive" only where it measured a gain.
+    batch_limit_default: ClassVar[str] = "off"
     # The sampling keywords it honours (a subset of mpdp.config.SAMPLING); any other is refused
     # at submit, naming the engine.
     sampling_fields: ClassVar[frozenset[str]] = frozenset(SAMPLING)
@@ -196,6 +198,11 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def has_unfinished(self) -> bool:
         """True while any accepted request has not been returned by ``step``."""
+
+    def step_counts(self) -> tuple[int, int] | None:
+        """(sequences that ran, output tokens made) in the last ``step``, for the pool's batch
+        limit (``mpdp/routing/batch_limit.py``); None where the engine does not count them."""
+        return None
 
     def close(self) -> None:
         """Free the model (GPU memory). Called once when the worker exits cleanly."""

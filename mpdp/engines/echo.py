@@ -65,6 +65,7 @@ class EchoEngine(Engine):
         self.stream_piece = int(options.get("stream_piece", 4))
         self._streams: dict[int, int] = {}               # streamed request id -> characters sent
         self._bad_results: list[int] = []
+        self._counts: tuple[int, int] | None = None      # (held, tokens finished) in the last step
 
     @property
     def capacity(self) -> int:
@@ -111,6 +112,7 @@ class EchoEngine(Engine):
             _fail(self._pending_fault)
         if self._bad_results:
             return [EngineResult(id=self._bad_results.pop(), texts="not a list", prompt_tokens="many")]
+        running = len(self._held)
         now = time.monotonic()
         if self._due and self._due[0][0] > now:
             # Sleep a little, not until the deadline: the worker must keep answering the dispatcher.
@@ -128,7 +130,11 @@ class EchoEngine(Engine):
             elif req is not None:                       # None: aborted meanwhile
                 self._streams.pop(rid, None)
                 out.append(_echo(req, self._max_model_len))
+        self._counts = (running, sum(r.completion_tokens for r in out if r.finished))
         return out
+
+    def step_counts(self) -> tuple[int, int] | None:
+        return self._counts
 
     def _stream_pieces(self) -> list[EngineResult]:
         out = []

@@ -68,6 +68,7 @@ class VLLMEngine(Engine):
         stay free of CUDA. None (left to the worker) where vLLM is not installed here."""
         fields = _engine_args_fields()
         return None if fields is None else (fields - {"model"}) | _OWN_OPTIONS
+    batch_limit_default = "adaptive"  # past the largest CUDA graph, more sequences make fewer tokens/s
 
     def __init__(self, model: str, options: dict[str, Any], placement: WorkerPlacement):
         super().__init__(model, options, placement)
@@ -104,6 +105,12 @@ class VLLMEngine(Engine):
             self.ready_extra["kv_events"] = self._kv_events.announce(int(cache.block_size))
         # The running batch (max_num_seqs) plus room for what the dispatcher sends while results go out.
         self._capacity = capacity or self.max_num_seqs + max(32, self.max_num_seqs // 8)
+        # Batch-limit hints (mpdp/core/batch_limits.py): decode batches larger than the largest
+        # captured CUDA graph run without one, their steps prepared on the CPU.
+        self.ready_extra["max_num_seqs"] = self.max_num_seqs
+        self.ready_extra["graph_max"] = _largest_cuda_graph(config)
+        self._counts: tuple[int, int] | None = None
+        self._count_steps()
         self._renderer = self._engine.renderer
         self._tokenizer = self._engine.get_tokenizer()
         self._token_bytes = token_bytes(self._tokenizer)      # each token's own bytes, for logprobs
@@ -180,6 +187,25 @@ class VLLMEngine(Engine):
             self._live.clear()
             self._top_k.clear()
         return results
+
+    def step_counts(self) -> tuple[int, int] | None:
+        counts, self._counts = self._counts, None
+        return counts
+
+    def _count_steps(self) -> None:
+        """Count what each engine-core step ran: LLMEngine.step gets one EngineCoreOutputs per
+        core step (``engine_core.get_output``), holding one output per request that made tokens,
+        also those whose RequestOutput (FINAL_ONLY) is not returned until they finish."""
+        core = self._engine.engine_core
+        get_output = core.get_output
+
+        def counted_get_output(*args, **kwargs):
+            outputs = get_output(*args, **kwargs)
+            outs = outputs.outputs
+            self._counts = (len(outs), sum(len(o.new_token_ids) for o in outs))
+            return outputs
+
+        core.get_output = counted_get_output
 
     def abort(self, request_ids: list[int]) -> None:
         ids = [rid for rid in map(str, request_ids) if self._live.pop(rid, None) is not None]
@@ -423,6 +449,20 @@ def _engine_args_fields() -> frozenset[str] | None:
                 if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)
                 and "ClassVar" not in ast.unparse(item.annotation))
     return None
+
+
+def _largest_cuda_graph(config) -> int | None:
+    """The largest batch vLLM captured a CUDA graph for (None: none captured, eager)."""
+    try:
+        from vllm.config.compilation import CUDAGraphMode
+
+        comp = config.compilation_config
+        if config.model_config.enforce_eager or comp.cudagraph_mode == CUDAGraphMode.NONE:
+            return None
+        size = comp.max_cudagraph_capture_size
+        return int(size) if size else None
+    except Exception:  # noqa: BLE001  (another vLLM's config: no hint, the controller probes without)
+        return None
 
 
 def _allow_children() -> None:

@@ -70,6 +70,12 @@ class Scheduler:
         self.workers[index] = WorkerLoad(index, capacity)
         self.policy.worker_added(index, info or {})
 
+    def set_capacity(self, index: int, capacity: int) -> None:
+        """A worker's credit moved (its batch limit): below what it holds, it takes nothing new."""
+        load = self.workers.get(index)
+        if load is not None:
+            load.capacity = max(1, capacity)
+
     def remove_worker(self, index: int) -> list[Ticket]:
         """Forget a worker; return exactly the tickets it held (without crash accounting)."""
         load = self.workers.pop(index, None)

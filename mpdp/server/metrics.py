@@ -10,7 +10,8 @@ Two parts, both usable without the server::
 ``PoolCollector`` reports what the pool itself counts, so it covers every caller of the pool,
 not only HTTP ones: requests running per worker and waiting, prompt and generation tokens per
 worker, worker restarts and worker up, prefix-cache reuse per worker (as the engine reported it)
-and how often the cache-aware router predicted it. ``RequestMetrics`` holds what only the caller sees:
+and how often the cache-aware router predicted it, each worker's batch limit and its reason, and
+whether the callers leave the engines underfilled. ``RequestMetrics`` holds what only the caller sees:
 success by finish reason, failures by kind, end-to-end latency, queue time (arrival until the
 pool took the request: time spent waiting for room, the backpressure) and time to first token
 (streamed requests: the engines say nothing to the caller before the end of the others).
@@ -69,6 +70,12 @@ class PoolCollector:
         predicted_ok = CounterMetricFamily("mpdp:routing_prefix_predictions_within_block", "Of those, the ones "
                                            "within one KV block of what the engine reported.",
                                            labels=["worker", "source"])
+        # The batch limit (core/batch_limits.py): requests each engine may hold, and why.
+        limit = GaugeMetricFamily("mpdp:batch_limit", "Requests each worker's engine may hold now (its credit).",
+                                  labels=["worker"])
+        limit_reason = GaugeMetricFamily("mpdp:batch_limit_reason", "1 for the reason of each worker's batch "
+                                         "limit (probing, settled at knee, light load, fixed, off, starting).",
+                                         labels=["worker", "reason"])
         for w in workers:
             label = [str(w["index"])]
             running.add_metric(label, w.get("in_flight", 0))
@@ -82,6 +89,9 @@ class PoolCollector:
                 hits.add_metric(label, w["cached_tokens"])
                 if w.get("prefix_hit_rate") is not None:
                     hit_rate.add_metric(label, w["prefix_hit_rate"])
+            if w.get("batch_limit") is not None:
+                limit.add_metric(label, w["batch_limit"])
+                limit_reason.add_metric(label + [w.get("batch_limit_reason", "")], 1)
             for source in ("exact", "mirror"):
                 if f"predicted_{source}" in w:
                     predicted.add_metric(label + [source], w[f"predicted_{source}"])
@@ -98,6 +108,17 @@ class PoolCollector:
         yield restarts
         yield up
         yield from (queries, hits, hit_rate, predicted, predicted_ok)
+        yield from (limit, limit_reason)
+        # Said once (and logged) when the callers keep too few requests in flight to fill the engines.
+        under = stats.get("underfill") or {}
+        yield GaugeMetricFamily("mpdp:pool_underfilled", "1 once the callers were seen keeping the engines "
+                                "mostly empty (nothing waiting, under a quarter of their credit in flight); "
+                                "send more at once: more threads, or generate/agenerate.", value=1 if under else 0)
+        if under:
+            yield GaugeMetricFamily("mpdp:pool_underfill_in_flight", "Requests the callers kept in flight then "
+                                    "(mean).", value=under["mean_in_flight"])
+            yield GaugeMetricFamily("mpdp:pool_underfill_fill", "Requests in flight that would fill the engines.",
+                                    value=under["fill"])
 
 
 class RequestMetrics:

@@ -8,12 +8,14 @@ every record is checked on the way in (a malformed one is a ProtocolError, never
     worker -> dispatcher                      dispatcher -> worker
     READY      Ready {index, pid, capacity..} SUBMIT    [request, ...]   (a micro-batch)
     HEARTBEAT  Heartbeat {steps, call, busy_s} ABORT    [request_id, ...]
+    STEPS      {steps, tokens, running,      (what the engine's steps did since the last STEPS:
+                busy_s}                       the measurements behind each worker's batch limit)
     RESULTS    [result, ...]                  PING      {}   (the dispatcher is alive)
     DEAD       {error}   (sent before exiting SHUTDOWN  {}
                on an engine failure)
 
 A worker speaks over two DEALER sockets, each owned by one thread: its data socket (READY,
-RESULTS, DEAD; SUBMIT, ABORT, SHUTDOWN) and its beat socket (HEARTBEAT; PING), whose identity
+RESULTS, STEPS, DEAD; SUBMIT, ABORT, SHUTDOWN) and its beat socket (HEARTBEAT; PING), whose identity
 is the data socket's plus ``BEAT_SUFFIX``. Liveness (the process runs) and progress (its
 engine's current call returns) are separate facts: HEARTBEATs keep coming while an engine step
 computes, and say which call the engine is in and for how long.
@@ -35,7 +37,7 @@ import msgpack
 from mpdp.engines.base import EngineRequest, EngineResult
 from mpdp.errors import ProtocolError
 
-VERSION = 3
+VERSION = 4
 
 
 class Tag(enum.IntEnum):
@@ -43,6 +45,7 @@ class Tag(enum.IntEnum):
     HEARTBEAT = 2
     RESULTS = 3
     DEAD = 4
+    STEPS = 5
     SUBMIT = 10
     ABORT = 11
     SHUTDOWN = 12
@@ -207,6 +210,22 @@ def abort_ids(body: Any) -> list[int]:
     if not all(_is_int(i) for i in ids):
         raise ProtocolError("ABORT body must be a list of request ids")
     return ids
+
+
+# -- step measurements -------------------------------------------------------------------------
+STEP_FIELDS = ("steps", "tokens", "running", "busy_s")
+
+
+def steps_from_wire(body: Any) -> dict:
+    """A STEPS body: four non-negative numbers (counts are ints)."""
+    if not isinstance(body, dict) or not all(k in body for k in STEP_FIELDS):
+        raise ProtocolError(f"a STEPS body must be a map with {', '.join(STEP_FIELDS)}")
+    out = {k: body[k] for k in STEP_FIELDS}
+    if not (all(_is_int(out[k]) and out[k] >= 0 for k in STEP_FIELDS[:3])
+            and isinstance(out["busy_s"], (int, float)) and not isinstance(out["busy_s"], bool)
+            and 0 <= out["busy_s"] < float("inf")):
+        raise ProtocolError(f"bad STEPS body {out!r}")
+    return out
 
 
 # -- results -----------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The worker process: one engine, one DEALER socket, one loop that drives it (and a beat thread).
 
     dispatcher ──SUBMIT/ABORT/SHUTDOWN──▶ DEALER ─▶ engine.add / engine.abort
-    dispatcher ◀──RESULTS───────────────── DEALER ◀─ engine.step() (finished, and partials that stream)
+    dispatcher ◀──RESULTS/STEPS─────────── DEALER ◀─ engine.step() (finished, and partials that stream)
     dispatcher ◀─HEARTBEAT / PING─▶ beat DEALER (worker/beat.py: its own thread)
 
 The engine is driven by this one loop: new micro-batches are read between steps, so they
@@ -79,7 +79,9 @@ def worker_main(spec: WorkerSpec) -> None:
 def _serve(sock, engine, progress: Progress, heartbeat_interval: float) -> None:
     import zmq
     from mpdp.engines.base import EngineResult
+    from mpdp.worker.step_meter import StepMeter
 
+    meter = StepMeter(engine)           # step measurements for the dispatcher's batch limit
     poll_ms = int(heartbeat_interval * 1000)
     while True:
         out: list[EngineResult] = []
@@ -102,10 +104,15 @@ def _serve(sock, engine, progress: Progress, heartbeat_interval: float) -> None:
                 except protocol.ProtocolError as exc:
                     print(f"mpdp worker: dropped a bad frame: {exc}", file=sys.stderr)
         if engine.has_unfinished():
+            started = time.monotonic()
             with progress.running("step"):
                 out.extend(engine.step())
+            meter.stepped(started)
+        else:
+            meter.idle()
         if out:
             _send_results(sock, out)
+        meter.report(sock, time.monotonic())
 
 
 def _add_all(engine, items: list, out: list) -> None:
