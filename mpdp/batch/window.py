@@ -15,10 +15,10 @@ from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, wait
 from typing import Callable
 
 from mpdp.batch.formats import Item
-from mpdp.batch.output import DurableWriter
+from mpdp.batch.output import DurableWriter, Row
 
 # render(item, result or exception) -> (output line, completion tokens, worker or None if it failed)
-Render = Callable[[Item, object], tuple[dict, int, bool]]
+Render = Callable[[Item, object], Row]
 
 
 class OrderedWindow:
