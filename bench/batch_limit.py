@@ -8,12 +8,13 @@ Qwen3-8B-shaped model with random weights (load_format="dummy"), CUDA graphs on.
 
 In this order, each engine started once and kept for what can share it (a start is 60-105 s):
 
-  1. one mpdp pool (one vLLM worker, engine defaults: max_num_seqs 1024 on an H100/H200):
+  1. bare vllm.LLM.generate at its defaults                          bare:default
+  2. bare vllm.LLM.generate at the first --bare-sweep max_num_seqs   bare:512
+  3. one mpdp pool (one vLLM worker, engine defaults: max_num_seqs 1024 on an H100/H200):
        mpdp:adaptive   the batch limit at its default (the controller)
        mpdp:off        the old fixed credit (max_num_seqs plus a margin)
-       mpdp:<n>        a fixed limit (--pool-fixed, e.g. 512), if the budget allows
-  2. bare vllm.LLM.generate at its defaults           bare:default
-  3. bare vllm.LLM.generate with max_num_seqs 512      bare:512   (--bare-sweep: 512,768,256 ...)
+       mpdp:<n>        fixed limits (--pool-fixed, e.g. 512), if the budget allows
+  4. bare at the rest of --bare-sweep (e.g. 768, 256), if the budget allows
 
 A time budget (--budget-s) skips what would not finish, and says so; results are written to the
 JSON after every measurement. Each mpdp row also carries the controller's trace (its limit, the
@@ -107,10 +108,11 @@ class Bench:
         return self.args.budget_s - (time.monotonic() - self.t0)
 
     def est_start(self) -> float:
-        return 1.2 * max(self.start_s) + 10 if self.start_s else 120.0
+        # The last start: the first one may have compiled (cold cache), the later ones reuse it.
+        return 1.1 * self.start_s[-1] + 10 if self.start_s else 120.0
 
     def est_run(self) -> float:
-        return 1.25 * max(self.run_s) + 5 if self.run_s else 90.0
+        return 1.1 * max(self.run_s) + 5 if self.run_s else 90.0
 
     def save(self) -> None:
         self.out.write_text(json.dumps(self.data, indent=1))
@@ -188,9 +190,12 @@ class Bench:
 
         log(f"{a.requests} requests x {a.max_tokens} tokens, prompts {a.prompt_len}, model {a.model}, "
             f"budget {a.budget_s:.0f}s")
-        self.wave(["mpdp"], pool)
-        for n in [None] + a.bare_sweep:
+        # What decides first: bare at its defaults, bare at the first sweep value, mpdp; then the rest.
+        for n in [None] + a.bare_sweep[:1]:
             self.wave([f"bare:{n or 'default'}"], lambda n=n: bare(n))
+        self.wave(["mpdp"], pool)
+        for n in a.bare_sweep[1:]:
+            self.wave([f"bare:{n}"], lambda n=n: bare(n))
         self.data["meta"]["elapsed_s"] = round(time.monotonic() - self.t0, 1)
         self.save()
 

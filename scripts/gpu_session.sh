@@ -79,10 +79,10 @@ ray)
     --json "$out/ray.json" 2>&1 | tail -30 > "$out/ray.log"
   ;;
 batch)
-  # 2,048 x 512 tokens, 8B shape, CUDA graphs: mpdp (adaptive, then the old credit) on one engine,
-  # then bare LLM.generate at its defaults and at max_num_seqs 512; what does not fit is skipped.
+  # 2,048 x 512 tokens, 8B shape, CUDA graphs: bare LLM.generate at its defaults and at max_num_seqs
+  # 512, then mpdp (adaptive, then the old credit) on one engine, then 768 and 256 if time is left.
   timeout 540 python3 -m bench.batch_limit --model "$big" --requests 2048 --max-tokens 512 \
-    --bare-sweep ${MPDP_BATCH_SWEEP:-512,768,256} --budget-s ${MPDP_BATCH_BUDGET:-510} \
+    --bare-sweep ${MPDP_BATCH_SWEEP:-512,768,256} --budget-s ${MPDP_BATCH_BUDGET:-515} \
     --json "$out/batch_limit.json" 2>&1 | tail -40 > "$out/batch_limit.log"
   ;;
 *) echo "unknown part $part" >&2; exit 2;;
