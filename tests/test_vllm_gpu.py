@@ -91,12 +91,13 @@ def test_engine_add_step_abort(model_dir):
             engine.add(EngineRequest(6, prompt_token_ids=[10**9]))        # out of the vocabulary
         assert engine.has_unfinished()
 
-        results, steps, finished_at = {}, 0, {}
+        results, steps, finished_at, counts = {}, 0, {}, []
         while engine.has_unfinished() and steps < 5000:
             for r in engine.step():
                 assert r.id not in results, "a request came back twice"
                 results[r.id] = r
                 finished_at[r.id] = steps
+            counts.append(engine.step_counts())     # (sequences that ran, tokens): the batch limit's input
             steps += 1
             if steps == 3:        # a request added between steps joins the running batch
                 engine.add(EngineRequest(7, prompt_token_ids=_ids(20), params={"max_tokens": 3, "ignore_eos": True}))
@@ -112,6 +113,9 @@ def test_engine_add_step_abort(model_dir):
         assert r3.completion_tokens == 12 and r3.finish_reasons == ["length", "length"] and len(r3.texts) == 2
         assert r3.prompt_tokens > 0 and r3.logprobs is None
         assert (r7.prompt_tokens, r7.completion_tokens) == (20, 3)
+        ran = [c for c in counts if c is not None]
+        assert ran and max(n for n, _ in ran) >= 4 and sum(t for _, t in ran) >= 4 + 12 + 3
+        assert engine.ready_extra["graph_max"] is None          # enforce_eager: no CUDA graph
 
         # After an abort the engine goes on serving.
         engine.add(EngineRequest(8, prompt_token_ids=_ids(10), params={"max_tokens": 2, "ignore_eos": True}))
@@ -247,6 +251,14 @@ def test_streamed_deltas_join_to_the_non_streamed_text(pool):
 
 def test_ready_reports_the_kv_cache_size(pool):
     assert pool.stats()["workers"][0]["kv_cache_tokens"] > 0
+
+
+def test_the_batch_limit_is_adaptive_by_default_and_shown(pool):
+    w = pool.stats()["workers"][0]
+    assert pool.stats()["batch_limit"] == "adaptive"
+    assert w["batch_limit_ceiling"] == w["capacity"]          # eager: no graph size to stop at
+    assert 1 <= w["batch_limit"] <= w["capacity"]
+    assert w["batch_limit_reason"] in ("starting", "probing", "settled at knee", "light load")
 
 
 def test_kv_events_keep_an_exact_index_and_the_engine_reports_its_reuse(pool):
