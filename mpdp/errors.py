@@ -160,9 +160,11 @@ def param_of(message: str, renames: dict[str, str] | None = None) -> str | None:
     ``"messages[2] has no 'role'"``, ``"unknown sampling keyword 'tempreature'"``)."""
     from mpdp.config import SAMPLING      # here: errors is imported by everything, config by less
 
-    m = (re.match(r"unknown sampling keyword '(\w+)'", message)
-         or re.match(r"the \S+ engine does not support (\w+)", message)
-         or re.match(r"([a-z_]+)(?:\[\d+\])?\b", message))
+    named = (re.match(r"unknown sampling keyword '(\w+)'", message)
+             or re.match(r"the \S+ engine does not support (\w+)", message))
+    if named:                             # a field the caller gave, whatever its name
+        return (renames or {}).get(named.group(1), named.group(1))
+    m = re.match(r"([a-z_]+)(?:\[\d+\])?\b", message)
     if m and (m.group(1) in SAMPLING or m.group(1) in _REQUEST_FIELDS):
         return (renames or {}).get(m.group(1), m.group(1))
     return None

@@ -191,6 +191,19 @@ BAD = [
     ("a streamed request with a bad field", "/completions", {"model": MODEL, "prompt": "x", "stream": True,
                                                              "top_k": "many"}, 400, "top_k", None),
     ("an unknown path", "/chat/complete", {"model": MODEL}, 404, None, None),
+    ("a misspelt field with a falsy value", "/chat/completions",
+     {"model": MODEL, "messages": user("x"), "tempreature": 0}, 400, "tempreature", None),
+    ("a priority (no priority scheduling)", "/chat/completions",
+     {"model": MODEL, "messages": user("x"), "priority": 5}, 400, "priority", None),
+    ("continuous_usage_stats not a boolean", "/chat/completions",
+     {"model": MODEL, "messages": user("x"), "stream": True,
+      "stream_options": {"include_usage": True, "continuous_usage_stats": "yes"}}, 400, "stream_options", None),
+    ("JSON nested too deeply", "/chat/completions", '{"model": "x", "messages": ' + "[" * 100_000 + "]" * 100_000 + "}",
+     400, None, None),
+    ("a lone surrogate in model", "/chat/completions",
+     '{"model": "\\ud800", "messages": [{"role": "user", "content": "x"}]}', 404, "model", "model_not_found"),
+    ("a lone surrogate in a field name", "/chat/completions",
+     '{"messages": [{"role": "user", "content": "x"}], "\\udc80x": 1}', 400, "\\udc80x", None),
 ]
 
 
@@ -273,3 +286,27 @@ def test_metrics_count_the_requests_sent(server, client):
     assert sum_samples(after, "mpdp:num_requests_running") == 0
     assert {s for s in ("mpdp:worker_restarts_total", "mpdp:num_requests_waiting") if s in after} == {
         "mpdp:worker_restarts_total", "mpdp:num_requests_waiting"}
+
+
+def test_continuous_usage_stats_put_usage_on_every_chunk(client):
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=user("abcdefghijkl"), max_tokens=10, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    assert all(c.usage is not None for c in chunks)                 # as vLLM's server tests expect
+    assert all(c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens for c in chunks)
+    done = [c.usage.completion_tokens for c in chunks if c.choices]
+    assert done == sorted(done) and done[-1] == 10
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+    plain = list(client.chat.completions.create(model=MODEL, messages=user("abc"), max_tokens=10, stream=True,
+                                                stream_options={"include_usage": True}))
+    assert [c.usage is not None for c in plain] == [False] * (len(plain) - 1) + [True]
+
+
+def test_logprobs_zero_on_completions_gives_a_list_per_token(client):
+    r = client.completions.create(model=MODEL, prompt="abc", max_tokens=5, logprobs=0)
+    lp = r.choices[0].logprobs
+    assert lp.tokens == ["a", "b", "c"] and lp.token_logprobs == [0.0, 0.0, 0.0]
+    assert lp.top_logprobs == [{"a": 0.0}, {"b": 0.0}, {"c": 0.0}] and lp.text_offset == [0, 1, 2]
+    chat = client.chat.completions.create(model=MODEL, messages=user("hé"), max_tokens=5, logprobs=True,
+                                          top_logprobs=1)
+    assert [(t.token, t.bytes) for t in chat.choices[0].logprobs.content] == [("h", [104]), ("é", [195, 169])]
