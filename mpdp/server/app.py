@@ -280,12 +280,7 @@ def _health(state: ServerState) -> tuple[int, dict]:
 
 
 async def _body(request: Request) -> Any:
-    size = request.headers.get("content-length")
-    if size is not None and size.isdigit() and int(size) > MAX_BODY_BYTES:
-        raise APIError(413, f"the request body is over {MAX_BODY_BYTES} bytes")
-    raw = await request.body()
-    if len(raw) > MAX_BODY_BYTES:
-        raise APIError(413, f"the request body is over {MAX_BODY_BYTES} bytes")
+    raw = await request.body()         # BodyLimit raises 413 as the body passes MAX_BODY_BYTES
     try:
         return json.loads(raw)
     except ValueError as exc:
