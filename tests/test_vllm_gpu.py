@@ -176,9 +176,13 @@ def test_logprobs(pool):
     c = pool.submit(prompt_token_ids=_ids(12), max_tokens=6, ignore_eos=True, logprobs=0, n=2,
                     temperature=1.0).result(timeout=120)
     assert isinstance(c.logprobs, list) and len(c.logprobs) == 2
-    for per_token in c.logprobs:
+    for per_token in c.logprobs:                 # the one record every engine gives (engines/logprobs.py)
         assert len(per_token) == 6
-        assert all(isinstance(x, float) and x <= 0.0 for x in per_token)
+        assert all(isinstance(r["logprob"], float) and r["logprob"] <= 0.0 for r in per_token)
+        assert all(r["top_logprobs"] == [] and isinstance(r["bytes"], list) and r["token"] for r in per_token)
+    top = pool.submit(prompt_token_ids=_ids(12), max_tokens=3, ignore_eos=True, logprobs=2).result(timeout=120)
+    for r in top.logprobs[0]:
+        assert len(r["top_logprobs"]) == 2 and r["top_logprobs"][0]["logprob"] >= r["top_logprobs"][1]["logprob"]
     plain = pool.submit(prompt_token_ids=_ids(12), max_tokens=3).result(timeout=120)
     assert plain.logprobs is None
 
