@@ -6,7 +6,8 @@
 """
 
 from mpdp.errors import (ContextWindowExceededError, EngineError, MpdpError, PoolBroken, PoolClosed,
-                         ProtocolError, RequestTimeout, WorkerCrashed, WorkerStartError)
+                         ProtocolError, RequestTimeout, StreamConsumerFailed, StreamInterrupted, WorkerCrashed,
+                         WorkerStartError)
 from mpdp.config import DEFAULT_MODEL, TO_CONTEXT, PoolConfig, SamplingParams
 from mpdp.pool import Delta, Pool, Stream
 from mpdp.requests import Completion
@@ -15,7 +16,8 @@ from mpdp.wire.transport import CurveKeys, Transport
 __version__ = "0.1.0"
 
 __all__ = ["Pool", "PoolConfig", "SamplingParams", "Stream", "Delta", "Completion", "DEFAULT_MODEL", "TO_CONTEXT", "Transport", "CurveKeys", "MpdpError", "PoolClosed",
-           "PoolBroken", "WorkerStartError", "WorkerCrashed", "RequestTimeout", "EngineError",
+           "PoolBroken", "WorkerStartError", "WorkerCrashed", "StreamInterrupted", "StreamConsumerFailed",
+           "RequestTimeout", "EngineError",
            "ContextWindowExceededError", "ProtocolError", "vLLMOfflineMultiGPU", "vLLMOffline", "serve", "create_app"]
 
 

@@ -41,6 +41,17 @@ class WorkerCrashed(MpdpError, RuntimeError):
         self.attempts = attempts
 
 
+class StreamInterrupted(WorkerCrashed):
+    """A streamed request's worker died after part of its text was delivered, and the stream
+    cannot continue from there (its engine cannot, or it asked for logprobs): it ends here rather
+    than start again and show its consumer text twice."""
+
+
+class StreamConsumerFailed(MpdpError, RuntimeError):
+    """A stream's consumer failed to take its text (its event loop closed, its sink raised): the
+    request was aborted in its engine; the pool and every other request go on."""
+
+
 class RequestTimeout(MpdpError, TimeoutError):
     """The request's own ``timeout`` passed; it was aborted inside the engine."""
 

@@ -123,7 +123,8 @@ class Pool:
                 step_timeout=config.step_timeout,
                 ready_timeout=config.ready_timeout or engine_cls.ready_timeout,
                 shutdown_timeout=config.shutdown_timeout,
-                batch_limits=BatchLimits(batch_limits.resolve(config.batch_limit, engine_cls)))
+                batch_limits=BatchLimits(batch_limits.resolve(config.batch_limit, engine_cls)),
+                continue_streams=engine_cls.continues_streams)
         except BaseException:          # the endpoint could not be bound: nothing may stay behind
             if remote is not None:
                 remote.close()
@@ -452,24 +453,30 @@ class Stream(_StreamBase):
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
 
     def __iter__(self) -> Iterator[Delta]:
+        # The dispatcher hands over the final piece before it resolves the future (and fails the
+        # future before it sends None): a future seen done with nothing queued has no piece left.
+        ended = False
         try:
             while True:
                 try:
                     res = self._queue.get(timeout=0.5)
                 except queue.Empty:
                     if self.future.done() and self._queue.empty():
+                        ended = True
                         self.future.result(0)      # raises its error (cancelled, closed)
                         return
                     continue
                 delta = self._delta(res)
                 if delta is None:
+                    ended = True
                     self.future.result(0)
                     return
+                ended = delta.finished
                 yield delta
-                if delta.finished:
+                if ended:
                     return
         finally:
-            if not self.future.done():
+            if not ended:
                 self.future.cancel()               # the consumer left: abort it in the engine
 
 
@@ -489,17 +496,20 @@ class AsyncStream(_StreamBase):
         return self._queue.qsize()
 
     async def __aiter__(self):
+        ended = False
         try:
             while True:
                 delta = self._delta(await self._queue.get())
                 if delta is None:
+                    ended = True
                     await asyncio.wrap_future(self.future)   # raises its error
                     return
+                ended = delta.finished           # the future resolves just after the final piece
                 yield delta
-                if delta.finished:
+                if ended:
                     return
         finally:
-            if not self.future.done():
+            if not ended:
                 self.future.cancel()
 
 

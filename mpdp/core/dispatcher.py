@@ -21,7 +21,13 @@ so sockets, deaths and heartbeats are always served, however fast commands arriv
 
 What to do with the requests of a dead worker is the scheduler's decision
 (``Scheduler.worker_died``: retry in parallel, split suspects, fail a proven poison); this
-thread only carries it out.
+thread only carries it out. A streamed request that already delivered text is not started
+again: it continues from what it delivered (``resume.py``), or ends with StreamInterrupted.
+
+A sink (where a stream's partial results go) is user-facing code run on this thread: the final
+piece is handed to it before the future resolves, so an iterator that sees the future done has
+every piece; and a sink that raises (an event loop closed under its stream) ends its own request
+only, never this loop.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ import zmq
 from mpdp import errors
 from mpdp.core.admission import Admission, PoolState
 from mpdp.core.batch_limits import BatchLimits
+from mpdp.core.resume import Delivered, why_not
 from mpdp.core.supervisor import Slot, SlotState, Supervisor, describe
 from mpdp.engines.base import Engine, EngineRequest, EngineResult
 from mpdp.gcpause import gc_paused
@@ -67,6 +74,7 @@ class Entry:
     ticket: Ticket
     deadline: float | None = None
     sink: Callable[[EngineResult], None] | None = None   # partial results; must not block
+    delivered: Delivered | None = None   # what a stream handed its consumer (to continue it)
 
 
 # Commands from caller threads, as small typed records.
@@ -100,7 +108,7 @@ class Dispatcher:
     def __init__(self, supervisor_factory, transport: Transport, scheduler: Scheduler, admission: Admission, *,
                  heartbeat_interval: float, heartbeat_timeout: float, ready_timeout: float,
                  shutdown_timeout: float, step_timeout: float | None = None,
-                 batch_limits: BatchLimits | None = None):
+                 batch_limits: BatchLimits | None = None, continue_streams: bool = False):
         self.transport = transport
         self.batch_limits = batch_limits or BatchLimits("off")   # each worker's credit (core/batch_limits.py)
         self.scheduler = scheduler
@@ -110,6 +118,7 @@ class Dispatcher:
         self.step_timeout = step_timeout         # None: each engine's own (from READY)
         self.ready_timeout = ready_timeout
         self.shutdown_timeout = shutdown_timeout
+        self.continue_streams = continue_streams   # the engine takes EngineRequest.continuation
         self.start_error: BaseException | None = None
         self.ready = threading.Event()           # set once every worker is READY, or start failed
         self.stopped = threading.Event()
@@ -395,7 +404,10 @@ class Dispatcher:
             if not res.finished:
                 entry = pending.get(res.id)
                 if entry is not None and entry.sink is not None:
-                    entry.sink(res)
+                    if entry.delivered is None:
+                        entry.delivered = Delivered()
+                    entry.delivered.add(res)    # checked before the consumer sees it
+                    self._feed(entry, res)
                 continue
             entry = self._forget(res.id)
             if entry is None:                  # cancelled or timed out meanwhile
@@ -411,12 +423,13 @@ class Dispatcher:
             if res.error_type:
                 self._fail(entry, errors.error_from_wire(res.error_type, res.error or "", res.traceback))
                 continue
-            self._resolve(entry, Completion(
+            completion = Completion(
                 res.texts[0] if res.texts else "", res.finish_reasons[0] if res.finish_reasons else "",
                 res.prompt_tokens, res.completion_tokens, index, res.texts, res.finish_reasons,
-                res.logprobs, res.cached_tokens))
-            if entry.sink is not None:
-                entry.sink(res)
+                res.logprobs, res.cached_tokens)
+            if entry.sink is not None:          # the final piece first: see the module docstring
+                self._feed(entry, res)
+            self._resolve(entry, completion)
         slot.last_result = now
 
     def _on_steps(self, slot: Slot, body: dict, now: float) -> None:
@@ -425,6 +438,25 @@ class Dispatcher:
         if credit is not None:
             self.scheduler.set_capacity(slot.index, credit)
 
+    def _feed(self, entry: Entry, res: EngineResult | None) -> bool:
+        """Hand ``res`` to the entry's sink. A sink that raises ends its own request: it is aborted
+        in its engine and its future fails with the cause; nothing else is touched."""
+        try:
+            entry.sink(res)
+            return True
+        except Exception as exc:
+            entry.sink = None                   # never called again
+            rid = entry.request.id
+            log.warning("mpdp: the consumer of stream %d failed (%r); the request is aborted", rid, exc)
+            if self._pending.get(rid) is entry:
+                self._forget(rid)
+                self._abort_in_engine(rid)
+                failure = errors.StreamConsumerFailed(f"the consumer of stream {rid} failed to take its "
+                                                      f"text ({exc!r}); the request was aborted")
+                failure.__cause__ = exc
+                self._fail(entry, failure)
+            return False
+
     # -- deaths, timers -----------------------------------------------------------------------------
     def _on_death(self, slot: Slot, now: float) -> None:
         was_starting = slot.state == SlotState.STARTING
@@ -432,6 +464,8 @@ class Dispatcher:
         self._by_identity.pop(slot.identity, None)
         self._by_identity.pop(slot.beat_identity, None)
         log.warning("mpdp: %s", cause)
+        load = self.scheduler.workers.get(slot.index)
+        held = list(load.in_flight) if load is not None else []
         _, failed = self.scheduler.worker_died(slot.index)
         self.batch_limits.worker_gone(slot.index)
         if failed:
@@ -443,10 +477,30 @@ class Dispatcher:
                         f"request {ticket.id} was in flight on {ticket.crashes} workers that died; "
                         f"the last: {cause}", worker=slot.index, exitcode=slot.handle.exitcode,
                         stderr_tail=tail, attempts=ticket.crashes))
+        for rid in held:
+            entry = self._pending.get(rid)
+            if entry is not None and entry.delivered:
+                self._continue_stream(entry, slot, cause)
         if was_starting and not self._ever_running:
             self._break(errors.WorkerStartError(f"a worker failed to start: {cause}"))
         elif all(s.state == SlotState.FAILED for s in self.slots):
             self._break(errors.PoolBroken(f"every worker failed to start again; the last: {cause}"))
+
+    def _continue_stream(self, entry: Entry, slot: Slot, cause: str) -> None:
+        """A stream that delivered text lost its worker: its retry continues from there (the
+        scheduler already requeued it), or, where it cannot, the stream ends here."""
+        delivered = entry.delivered
+        reason = why_not(entry.request, delivered, self.continue_streams)
+        if reason is None:
+            entry.request.continuation = delivered.continuation()
+            return
+        rid = entry.request.id
+        self._forget(rid)
+        self.scheduler.drop(rid)
+        self._fail(entry, errors.StreamInterrupted(
+            f"stream {rid} lost its worker after {sum(delivered.chars)} characters were delivered and cannot "
+            f"continue: {reason}; rather than repeat its text from the start it ends here. The worker: {cause}",
+            worker=slot.index, exitcode=slot.handle.exitcode if slot.handle else None))
 
     def _check_timers(self, now: float) -> None:
         serving = self.state in (PoolState.RUNNING, PoolState.DRAINING, PoolState.STARTING)
@@ -531,8 +585,12 @@ class Dispatcher:
 
     def _fail(self, entry: Entry, exc: BaseException) -> None:
         entry.future.fail(exc)
-        if entry.sink is not None:
-            entry.sink(None)                   # the stream ends; the future holds the error
+        sink, entry.sink = entry.sink, None
+        if sink is not None:
+            try:
+                sink(None)                     # the stream ends; the future holds the error
+            except Exception as sink_exc:      # its consumer is gone: nothing more to tell it
+                log.debug("mpdp: the consumer of stream %d failed: %r", entry.request.id, sink_exc)
         self._resolved += 1
 
     # -- lifecycle ----------------------------------------------------------------------------------

@@ -45,7 +45,10 @@ class PoolFuture(Future):
 
     def _invoke_callbacks(self):
         if self._done_callbacks:
-            _callbacks().submit(super()._invoke_callbacks)
+            try:
+                _callbacks().submit(super()._invoke_callbacks)
+            except RuntimeError:     # the interpreter is shutting down: its executors take no work
+                super()._invoke_callbacks()   # (which logs, never raises, a callback's error)
 
     # Called by the dispatcher only; a future cancelled meanwhile keeps its cancellation.
     def resolve(self, value) -> None:

@@ -35,6 +35,11 @@ class EngineRequest:
     frequency_penalty, logprobs, ignore_eos) plus ``response_format`` and
     ``chat_template_kwargs`` where given. Absent keys mean "engine default".
     ``stream``: the caller wants the text as it is decoded (partial results, see EngineResult).
+    ``continuation``: a streamed request sent again after its worker died (``core/resume.py``),
+    per choice ``[token ids already generated, characters of their text already delivered]``.
+    The engine takes the ids as that choice's first generated tokens (after the prompt, counted
+    in max_tokens, seen by stop strings and penalties), decodes what follows in their context and
+    streams only text past the delivered characters; the final result carries whole texts.
     """
 
     id: int
@@ -43,6 +48,7 @@ class EngineRequest:
     prompt_token_ids: list[int] | None = None
     params: dict[str, Any] = field(default_factory=dict)
     stream: bool = False
+    continuation: list[list] | None = None
 
 
 @dataclass(slots=True)
@@ -55,7 +61,9 @@ class EngineResult:
     ``finished=False`` marks a partial result of a streamed request: ``texts`` then holds only
     the text decoded since the last partial (per choice, "" where a choice has nothing new),
     and the counts so far. The final result (``finished=True``) always carries the whole texts,
-    so a consumer that missed a partial still ends with the truth.
+    so a consumer that missed a partial still ends with the truth. A partial also carries, per
+    choice, the ids of the tokens generated since the last partial (``token_ids``), whether or not
+    their text is out yet: what a stream's continuation starts from if its worker dies.
     """
 
     id: int
@@ -69,6 +77,7 @@ class EngineResult:
     finished: bool = True
     traceback: str | None = None
     cached_tokens: int | None = None                          # prompt tokens the engine's cache held
+    token_ids: list[list[int]] | None = None                  # partials: new token ids per choice
 
     @classmethod
     def failure(cls, request_id: int, exc: BaseException) -> "EngineResult":
@@ -145,7 +154,10 @@ class Engine(abc.ABC):
     # engine may set it per instance (from its model's size); READY carries it to the pool;
     # the pool's step_timeout= overrides it.
     step_timeout: float = 120.0
-    # What PoolConfig.batch_limit="auto" means for it: "adaptive" only where it measured a gain.
+    # Takes EngineRequest.continuation (and reports token_ids in partials): a stream whose worker
+    # dies continues on another. Otherwise such a stream ends with StreamInterrupted.
+    continues_streams: ClassVar[bool] = False
+        # What PoolConfig.batch_limit="auto" means for it: "adaptive" only where it measured a gain.
     batch_limit_default: ClassVar[str] = "off"
     # The sampling keywords it honours (a subset of mpdp.config.SAMPLING); any other is refused
     # at submit, naming the engine.

@@ -22,7 +22,9 @@ the whole prompt, or what the ``max_model_len`` option leaves of it). Options:
 
 A streamed request (``EngineRequest.stream``) comes back in pieces of ``stream_piece``
 characters (default 4), one piece per step, before its final result: the same path a real
-engine's per-step deltas take.
+engine's per-step deltas take. Each piece carries its characters' code points as token ids, and a
+stream sent again with a ``continuation`` (its worker died) goes on after the characters already
+delivered, as the real engines do.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class EchoAddError(Exception):
 class EchoEngine(Engine):
     name = "echo"
     step_timeout = 30.0     # its steps take microseconds (they sleep at most 2 ms)
+    continues_streams = True
 
     option_names = frozenset({"delay_s", "capacity", "faults", "max_model_len", "stream_piece"})
 
@@ -101,7 +104,8 @@ class EchoEngine(Engine):
             due = 0.0
         self._held[request.id] = request
         if request.stream and request.id not in self._probes:
-            self._streams[request.id] = 0
+            # A continuation: the characters (one a token) its consumer already has are not sent again.
+            self._streams[request.id] = min((c[1] for c in request.continuation or ()), default=0)
         heapq.heappush(self._due, (due, request.id))
 
     def step(self) -> list[EngineResult]:
@@ -144,7 +148,8 @@ class EchoEngine(Engine):
             if any(piece):
                 self._streams[rid] = sent + self.stream_piece
                 out.append(EngineResult(id=rid, texts=piece, finish_reasons=[""] * len(piece),
-                                        prompt_tokens=full.prompt_tokens, finished=False))
+                                        prompt_tokens=full.prompt_tokens, finished=False,
+                                        token_ids=[list(map(ord, t)) for t in piece]))
         return out
 
     def abort(self, request_ids: list[int]) -> None:

@@ -10,6 +10,14 @@ the request is returned in that step. Pad columns are masked and positions count
 tokens, so greedy text batched equals greedy text alone (tests check it; only float rounding
 in differently shaped matmuls could ever tell them apart).
 
+A streamed request sent again after its worker died carries a ``continuation``: each choice's
+tokens already streamed become its first generated tokens (prefilled after the prompt, counted in
+max_tokens, seen by penalties, stop strings and the JSON grammar), so decoding goes on exactly
+where it stopped and the text is decoded over all of them: no space is lost or added at the seam,
+and only characters past the delivered ones are streamed. At temperature 0 the text is that of an
+uninterrupted run (the prompt and streamed tokens are prefilled in one pass where the dead worker
+decoded them one by one: only float rounding could ever tell them apart).
+
 Prefill is chunked: one ``step()`` prefills at most ``max_prefill_tokens`` (rows x columns,
 padding included), so a long prompt (7,000 tokens: ~14 s in one step on 2 cores, ~18 s in
 steps of at most 2 s with a budget of 512) is many short steps, and new requests join between
@@ -96,6 +104,7 @@ class _Row:
     finish_reason: str | None = None
     logprobs: list[dict] = field(default_factory=list)
     sent: int = 0        # characters already streamed
+    reported: int = 0    # tokens already streamed (their ids go with the partial results)
 
 
 def step_budget(parameters: int, max_prefill_tokens: int, max_batch_size: int) -> float:
@@ -109,6 +118,7 @@ class HFEngine(Engine):
     name = "hf"
 
     loads_weights = True
+    continues_streams = True
     ready_timeout = 300.0            # the first start converts the embedded GGUF file
     step_timeout = 120.0             # the least; scaled per instance (see the module docstring)
     option_names = OPTIONS
@@ -154,6 +164,7 @@ class HFEngine(Engine):
         self.eos_ids = set(eos)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.waiting: list[_Request] = []
+        self.done: list[_Request] = []        # continued requests whose every choice had already ended
         self.batch: _Batch | None = None      # decoding
         self.incoming: _Batch | None = None   # being prefilled, chunk by chunk
         self._prefilled = False  # the last step prefilled while a batch runs: the next one decodes
@@ -172,7 +183,7 @@ class HFEngine(Engine):
         return self._max_len
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting) or self.batch is not None or self.incoming is not None
+        return bool(self.waiting or self.done) or self.batch is not None or self.incoming is not None
 
     def abort(self, request_ids: list[int]) -> None:
         ids = set(request_ids)
@@ -187,9 +198,13 @@ class HFEngine(Engine):
             self.incoming = None
 
     def add(self, request: EngineRequest) -> None:
-        self.waiting.append(self._prepare(request))
+        req = self._prepare(request)
+        (self.waiting if _open_rows(req) else self.done).append(req)
 
     def step(self) -> list[EngineResult]:
+        if self.done:
+            done, self.done = self.done, []
+            return [self._result(req) for req in done]
         with self._torch.inference_mode():
             if self.incoming is None:
                 self.incoming = self._next_incoming()
@@ -290,7 +305,23 @@ class HFEngine(Engine):
                 generator = self._torch.Generator(device=self.device)
                 generator.manual_seed((req.seed if req.seed is not None else random.getrandbits(62)) + i)
             req.rows.append(_Row(req, generator, self._grammars.matcher(grammar)))
+        if request.continuation is not None:
+            self._continue(req, request.continuation)
         return req
+
+    def _continue(self, req: _Request, continuation: list) -> None:
+        """Each choice resumes after the tokens it already streamed, as if this engine had made them."""
+        if len(continuation) != req.n:
+            raise ValueError(f"the continuation has {len(continuation)} choices, the request n={req.n}")
+        for row, (tokens, sent) in zip(req.rows, continuation):
+            if len(tokens) > req.max_tokens or not all(0 <= t < self.vocab_size for t in tokens):
+                raise ValueError("the continuation's token ids are not a start of this request's output")
+            for t in tokens:
+                if row.matcher is not None and not row.matcher.accept_token(t):
+                    raise ValueError(f"the continuation's token {t} breaks the response_format grammar")
+            row.tokens, row.sent, row.reported = list(tokens), sent, len(tokens)
+            if tokens:
+                self._check_finish(row)     # a choice that had ended ends the same way again
 
     def _prompt_ids(self, request: EngineRequest) -> list[int]:
         given = [x is not None for x in (request.prompt, request.messages, request.prompt_token_ids)]
@@ -322,14 +353,16 @@ class HFEngine(Engine):
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
     def _fits(self) -> bool:
-        return len(self.batch.rows) + self.waiting[0].n <= self.max_batch_size
+        return len(self.batch.rows) + len(_open_rows(self.waiting[0])) <= self.max_batch_size
 
     def _take_batch(self, room: int, first_always: bool = False) -> "_Batch":
         rows = []
         # Whole requests only (their n rows together), in arrival order; a fresh batch takes
-        # the first request even if its n alone is over max_batch_size.
-        while self.waiting and ((first_always and not rows) or len(rows) + self.waiting[0].n <= room):
-            rows.extend(self.waiting.pop(0).rows)
+        # the first request even if its n alone is over max_batch_size. (A continued request's
+        # choices that had already ended take no row.)
+        while self.waiting and ((first_always and not rows)
+                                or len(rows) + len(_open_rows(self.waiting[0])) <= room):
+            rows.extend(_open_rows(self.waiting.pop(0)))
         return _Batch(self, rows)
 
     # -- one token for every row --------------------------------------------------------------
@@ -441,8 +474,10 @@ class HFEngine(Engine):
         character, and as many characters as a stop string could still need, so that what was
         streamed is always a prefix of the final text."""
         hold = max((len(s) for s in req.stop), default=1) - 1
-        deltas = []
+        deltas, token_ids = [], []
         for row in req.rows:
+            token_ids.append(row.tokens[row.reported:])
+            row.reported = len(row.tokens)
             if row.finish_reason is not None:
                 deltas.append("")
                 continue
@@ -451,10 +486,13 @@ class HFEngine(Engine):
             deltas.append(text[row.sent:upto])
             row.sent = upto
         if not any(deltas):
+            for row, ids in zip(req.rows, token_ids):   # not reported: they go with the next one
+                row.reported -= len(ids)
             return None
         return EngineResult(id=req.id, texts=deltas, finish_reasons=[""] * len(deltas),
                             prompt_tokens=len(req.prompt_ids),
-                            completion_tokens=sum(len(r.tokens) for r in req.rows), finished=False)
+                            completion_tokens=sum(len(r.tokens) for r in req.rows), finished=False,
+                            token_ids=token_ids)
 
     def _result(self, req: _Request) -> EngineResult:
         return EngineResult(
@@ -475,11 +513,12 @@ class _Batch:
         torch = engine._torch
         self.engine, self.rows = engine, rows
         self.cache = self.last_tokens = None
-        width = max((len(r.req.prompt_ids) for r in rows), default=0)
+        # A row's context: its prompt, then the tokens it already generated (a continued stream's).
+        contexts = [r.req.prompt_ids + r.tokens if r.tokens else r.req.prompt_ids for r in rows]
+        width = max(map(len, contexts), default=0)
         ids = torch.full((len(rows), width), engine.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            prompt = row.req.prompt_ids
+        for i, prompt in enumerate(contexts):
             ids[i, width - len(prompt):] = torch.tensor(prompt)
             mask[i, width - len(prompt):] = 1
         self.input_ids, self.mask = ids.to(engine.device), mask.to(engine.device)
@@ -635,6 +674,11 @@ def _text_messages(messages: Any) -> list[dict[str, Any]]:
             m = {**m, "content": ""}
         out.append(m)
     return out
+
+
+def _open_rows(req: _Request) -> list[_Row]:
+    """The choices still to decode (all of them, except in a continued request)."""
+    return [r for r in req.rows if r.finish_reason is None]
 
 
 def _positive(options: dict, key: str, default: int) -> int:

@@ -458,8 +458,9 @@ async def _events(state: ServerState, p: parsing.Parsed, held: _Streams, arrived
 
 
 async def _completion(future):
-    """A finished stream's Completion. Its future is resolved before the final delta is sent, so
-    it is read at once, without wrap_future's hop through the event loop."""
+    """A finished stream's Completion. Its future resolves just after the final delta is handed
+    over (so that a stream never ends without it): usually done by the time the event loop reads
+    that delta, and then read at once, without wrap_future's hop through the event loop."""
     if future.done():
         return future.result()
     return await asyncio.wrap_future(future)

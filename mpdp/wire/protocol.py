@@ -37,7 +37,7 @@ import msgpack
 from mpdp.engines.base import EngineRequest, EngineResult
 from mpdp.errors import ProtocolError
 
-VERSION = 4
+VERSION = 5        # 5: requests carry a stream's continuation, partial results their token ids
 
 
 class Tag(enum.IntEnum):
@@ -192,13 +192,21 @@ def _list_body(tag: Tag, body: Any) -> list:
 
 # -- requests ----------------------------------------------------------------------------------
 def request_to_wire(req: EngineRequest) -> list:
-    return [req.id, req.prompt, req.messages, req.prompt_token_ids, req.params, req.stream]
+    return [req.id, req.prompt, req.messages, req.prompt_token_ids, req.params, req.stream, req.continuation]
 
 
 def request_from_wire(item: Any) -> EngineRequest:
-    if not isinstance(item, list) or len(item) != 6 or not _is_int(item[0]) or not isinstance(item[4], dict):
-        raise ProtocolError("a SUBMIT item must be [id, prompt, messages, prompt_token_ids, params, stream]")
+    if (not isinstance(item, list) or len(item) != 7 or not _is_int(item[0]) or not isinstance(item[4], dict)
+            or not (item[6] is None or _is_continuation(item[6]))):
+        raise ProtocolError("a SUBMIT item must be [id, prompt, messages, prompt_token_ids, params, stream, "
+                            "continuation (null or [[token ids], characters] per choice)]")
     return EngineRequest(*item)
+
+
+def _is_continuation(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(c, list) and len(c) == 2 and isinstance(c[0], list) and all(map(_is_int, c[0]))
+        and _is_int(c[1]) and c[1] >= 0 for c in value)
 
 
 def submit_items(body: Any) -> list:
@@ -231,17 +239,19 @@ def steps_from_wire(body: Any) -> dict:
 # -- results -----------------------------------------------------------------------------------
 def result_to_wire(res: EngineResult) -> list:
     return [res.id, res.texts, res.finish_reasons, res.prompt_tokens, res.completion_tokens,
-            res.logprobs, res.error_type, res.error, res.finished, res.traceback, res.cached_tokens]
+            res.logprobs, res.error_type, res.error, res.finished, res.traceback, res.cached_tokens,
+            res.token_ids]
 
 
 def result_from_wire(item: Any) -> EngineResult:
     # On the dispatcher's hot path (once per result): exact type tests, no helper calls.
     # msgpack decodes ints as int and arrays as list, never subclasses, so `type(...) is` is exact.
-    if (type(item) is not list or len(item) != 11 or type(item[0]) is not int
+    if (type(item) is not list or len(item) != 12 or type(item[0]) is not int
             or type(item[1]) is not list or type(item[2]) is not list
             or type(item[3]) is not int or type(item[4]) is not int):
         raise ProtocolError("a RESULTS item must be [id, texts, finish_reasons, prompt_tokens, "
-                            "completion_tokens, logprobs, error_type, error, finished, traceback, cached_tokens]")
+                            "completion_tokens, logprobs, error_type, error, finished, traceback, cached_tokens, "
+                            "token_ids]")
     return EngineResult(*item)
 
 
