@@ -5,10 +5,23 @@ model's cache."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
+import time
 import types
+from pathlib import Path
 
 import pytest
+
+# As in tests/test_ray.py: read once when Ray is first imported; with it every node of a local
+# Ray cluster (and its GCS address) is 127.0.0.1, never the machine's network address.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import mpdp
 from conftest import full_size, wait_until
@@ -108,3 +121,108 @@ def test_what_the_tests_run_on_is_inside_the_declared_ranges():
         except importlib.metadata.PackageNotFoundError:
             continue
         assert requirement.specifier.contains(installed, prereleases=True), (extra, installed, requirement)
+
+
+# -- Ray: the README's route with today's token authentication; an address that does not answer --------
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _generate(env: dict, address: str, *extra: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    folder = Path(env["HOME"])
+    (folder / "in.jsonl").write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"line {i}"}) + "\n"
+                                             for i in range(20)))
+    return subprocess.run([sys.executable, "-m", "mpdp.cli", "generate", "--input", str(folder / "in.jsonl"),
+                           "--output", str(folder / "out.jsonl"), "--engine", "echo", "--num-workers", "2",
+                           "--launcher", "ray", "--ray-address", address, "--no-progress", *extra],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def ray_head_with_a_token():
+    """``ray start --head`` on 127.0.0.1, where a Ray token already exists (as any local ray.init()
+    of Ray >= 2.59 leaves one in ~/.ray): Ray then turns token authentication on. A private HOME
+    and RAY_TMPDIR; the head runs with --block in its own process group, ended with it."""
+    pytest.importorskip("ray")
+    folder = tempfile.mkdtemp(prefix="mpdp-deps-")        # short: Ray's socket paths live under it
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS", "RAY_AUTH_TOKEN",
+                                                             "RAY_AUTH_TOKEN_PATH")}
+    env.update(HOME=folder, RAY_TMPDIR=os.path.join(folder, "t"), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+               PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    ray_cli = [sys.executable, "-m", "ray.scripts.scripts"]
+    subprocess.run([*ray_cli, "get-auth-token", "--generate"], env=env, capture_output=True, timeout=120, check=True)
+    assert (Path(folder) / ".ray" / "auth_token").is_file()
+    port = _free_port()
+    log_path = Path(folder) / "head.log"
+    with open(log_path, "w") as log:
+        head = subprocess.Popen([*ray_cli, "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+                                 f"--port={port}", "--include-dashboard=false", "--num-cpus=2",
+                                 "--disable-usage-stats"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        wait_until(lambda: "block forever" in log_path.read_text() or head.poll() is not None, 180,
+                   interval=0.5, what="the Ray head to start")
+        assert head.poll() is None, log_path.read_text()[-3000:]
+        assert "Token authentication is enabled" in log_path.read_text()      # the case of the issue
+        yield env, f"127.0.0.1:{port}"
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        time.sleep(1)                  # what the head's SIGTERM ended leaves its group: none may stay
+        try:
+            os.killpg(head.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.timeout(400)
+def test_the_readme_ray_route_works_with_token_authentication(ray_head_with_a_token):
+    env, address = ray_head_with_a_token
+    r = _generate(env, address)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [json.loads(x) for x in (Path(env["HOME"]) / "out.jsonl").read_text().splitlines()]
+    assert [(x["id"], x["text"]) for x in lines] == [(f"r{i}", f"line {i}") for i in range(20)]
+    # A driver told not to authenticate is refused, after Ray's own retries, in one line that says why.
+    r = _generate({**env, "RAY_AUTH_MODE": "disabled"}, address, "--overwrite")
+    assert r.returncode == 1
+    error = [x for x in r.stderr.splitlines() if x.startswith("mpdp")]
+    assert len(error) == 1 and f"could not connect to the Ray cluster at {address}" in error[0], r.stderr[-3000:]
+    assert "RAY_AUTH_MODE=disabled here: a cluster with token authentication refuses this driver" in error[0]
+
+
+@pytest.mark.timeout(120)
+def test_an_address_that_does_not_answer_fails_at_once_in_one_line(tmp_path):
+    pytest.importorskip("ray")
+    port = _free_port()                                   # closed: nothing listens there
+    env = dict(os.environ, HOME=str(tmp_path), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    r = _generate(env, f"127.0.0.1:{port}", timeout=100)   # Ray alone retries for over ten minutes
+    assert r.returncode == 1
+    assert r.stderr.strip() == (f"mpdp: error: the workers did not start: no Ray cluster answers at "
+                                f"127.0.0.1:{port} (connection refused): start one there "
+                                f"(`ray start --head --port={port}`) or give the head node's HOST:PORT")
+    # The same through the API: a ConnectionError (and an mpdp error) before anything started.
+    from mpdp.launch.ray import RayConnectError
+
+    with pytest.raises(RayConnectError, match=f"no Ray cluster answers at 127.0.0.1:{port}") as info:
+        mpdp.Pool(engine="echo", num_workers=1, launcher="ray", ray_address=f"127.0.0.1:{port}")
+    assert isinstance(info.value, ConnectionError) and isinstance(info.value, mpdp.errors.MpdpError)
+
+
+def test_which_addresses_are_probed():
+    from mpdp.launch.ray import _host_port
+
+    assert _host_port("127.0.0.1:6379") == ("127.0.0.1", 6379)
+    assert _host_port("[::1]:6379") == ("::1", 6379)
+    for ray_own in (None, "", "auto", "local", "ray://127.0.0.1:10001", "127.0.0.1"):
+        assert _host_port(ray_own) is None

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -44,11 +45,13 @@ import tempfile
 import threading
 import time
 
+from mpdp.errors import MpdpError
 from mpdp.launch.base import Launcher, WorkerHandle
 from mpdp.launch.local import _BOOTSTRAP, killpg
 from mpdp.worker.spec import WorkerSpec
 
 RESOURCES_ENV = "MPDP_RAY_RESOURCES"     # JSON: the resources of one worker's bundle
+CONNECT_TIMEOUT_S = 10.0   # a given ray_address must accept a TCP connection within this (see _connect)
 KILL_GRACE_S = 3.0      # after kill(): how long the actor may take to end its worker before ray.kill
 WATCH_POLL_S = 0.5      # how often a watcher looks for a kill request (a death wakes it at once)
 _LOG_TAIL_BYTES = 16384
@@ -82,9 +85,95 @@ def _acquire(address: str | None) -> bool:
                 _our_users += 1
                 return True
             return False
-        ray.init(address=address, log_to_driver=False, include_dashboard=False)
+        _connect(ray, address)
         _our_users = 1
         return True
+
+
+class RayConnectError(MpdpError, ConnectionError):
+    """The Ray cluster at the address given could not be reached or refused this driver."""
+
+
+def _connect(ray, address: str | None) -> None:
+    """``ray.init`` on ``address``, which fails within a bound when the address was given.
+
+    Ray itself retries an address that does not answer for over ten minutes (each attempt waits
+    in C++, where even SIGINT waits for it), so a given ``HOST:PORT`` (or ``RAY_ADDRESS``) must
+    first accept a TCP connection within ``CONNECT_TIMEOUT_S``. A cluster that answers but
+    refuses this driver (token authentication) fails after Ray's own ~20 s of retries; both
+    end in one ``RayConnectError`` line that says what to change."""
+    target = address or os.environ.get("RAY_ADDRESS") or None
+    host_port = _host_port(target)
+    if host_port is not None:
+        _probe(target, *host_port)
+        _token_auth_as_ray_start_does()
+    try:
+        ray.init(address=address, log_to_driver=False, include_dashboard=False)
+    except Exception as exc:
+        if host_port is None:
+            raise
+        raise RayConnectError(f"could not connect to the Ray cluster at {target}: "
+                              f"{_first_lines(exc, 1)} ({_auth_state()})") from exc
+
+
+def _host_port(address: str | None) -> tuple[str, int] | None:
+    """(host, port) of a plain ``HOST:PORT`` address; None for auto, local, ray://... (Ray's own)."""
+    if not address or "://" in address or address in ("auto", "local"):
+        return None
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def _probe(address: str, host: str, port: int) -> None:
+    import socket
+
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        why = (f"no answer within {CONNECT_TIMEOUT_S:g}s" if isinstance(exc, socket.timeout)
+               else (exc.strerror or str(exc)).lower())
+        raise RayConnectError(
+            f"no Ray cluster answers at {address} ({why}): start one there "
+            f"(`ray start --head --port={port}`) or give the head node's HOST:PORT") from None
+
+
+def _token_auth_as_ray_start_does() -> None:
+    """Ray >= 2.52 can authenticate with a token, and ``ray start --head`` turns it on when a token
+    is on its machine (``~/.ray/auth_token``, which any local ``ray.init()`` of Ray >= 2.59 leaves
+    behind). ``ray.init`` with an explicit address does not, so the README's route (``ray start
+    --head`` here, then ``--ray-address``) was refused with "InvalidAuthToken". This driver takes
+    the same rule as ``ray start``: a token found by Ray's documented lookup (RAY_AUTH_TOKEN,
+    RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token) means token authentication, unless RAY_AUTH_MODE is
+    set. A cluster without authentication accepts a driver that sends a token."""
+    if os.environ.get("RAY_AUTH_MODE") is not None:
+        return
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available)
+    except ImportError:                 # Ray < 2.52: no token authentication
+        return
+    # Ray's function is the rule itself (and refreshes Ray's cached config); its log line is
+    # written for a head node ("enabled for this Ray cluster"), misleading in a driver.
+    logger = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    finally:
+        logger.setLevel(level)
+
+
+def _auth_state() -> str:
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode == "token":
+        return ("this driver sent a Ray authentication token: if the cluster uses another, give the "
+                "head's (its ~/.ray/auth_token) as RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH")
+    if mode is None:
+        return ("no Ray authentication token was found here (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, "
+                "~/.ray/auth_token): a cluster with token authentication needs the head's, its ~/.ray/auth_token")
+    return f"RAY_AUTH_MODE={mode} here: a cluster with token authentication refuses this driver"
 
 
 def _release() -> None:
