@@ -62,6 +62,7 @@ class vLLMOfflineMultiGPU(LM):  # noqa: N801 - the seed's name
         num_gpus = num_gpus or base.num_gpus or 4               # the seed's default: 4 GPUs
         tensor_parallel_size = tensor_parallel_size or base.tensor_parallel_size
         num_workers = num_workers or base.num_workers
+        gpus = kw.pop("gpus", None) or base.gpus               # on the CPU fallback: not used
 
         self.requested_gpus = num_gpus
         if isinstance(engine, _EngineBase):      # loading a saved program: the engines come built
@@ -80,7 +81,7 @@ class vLLMOfflineMultiGPU(LM):  # noqa: N801 - the seed's name
             vllm_options = {"gpu_memory_utilization": gpu_memory_utilization, "max_model_len": max_model_len,
                             "max_num_seqs": max_num_seqs, "trust_remote_code": trust_remote_code}
             options = {**{k: v for k, v in vllm_options.items() if v is not None}, **options}
-            placement = {"num_gpus": num_gpus, "num_workers": num_workers}
+            placement = {"num_gpus": num_gpus, "num_workers": num_workers, "gpus": gpus}
         else:
             # No GPU: as many CPU workers as the GPUs asked for (one per core at most).
             replicas = max(1, num_gpus // max(1, tensor_parallel_size))

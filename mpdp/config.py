@@ -8,7 +8,7 @@ record of a pool's settings, and every front door builds one::
     mpdp.Pool(**settings) / Pool(config=)    PoolConfig(...)
     mpdp generate, mpdp serve                PoolConfig.add_cli_args(group) / from_cli_args(args)
     mpdp.dspy.LM, PoolLM, vLLMOffline*       PoolConfig fields as keywords, or config=
-    launchers on other machines              to_json() / from_json()
+    saved DSPy programs, pickles, JSON       to_dict() / from_dict(), to_json() / from_json()
 
 Each field declares its command-line form (``Flag``), so both subcommands get every pool flag
 from here, and a keyword is a pool setting exactly when it names a field (``POOL_FIELDS``); any
@@ -139,6 +139,8 @@ def _plain(name: str, v: Any, depth: int = 0) -> Any:
 def _max_tokens(v):
     if v == TO_CONTEXT:
         return v
+    if isinstance(v, str):
+        raise TypeError(f"max_tokens must be an int (or {TO_CONTEXT!r}: up to the context), not {v!r}")
     return _int("max_tokens", v, 1, MAX_TOKENS_LIMIT)
 
 
