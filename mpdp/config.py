@@ -139,8 +139,6 @@ def _plain(name: str, v: Any, depth: int = 0) -> Any:
 def _max_tokens(v):
     if v == TO_CONTEXT:
         return v
-    if isinstance(v, str):
-        raise TypeError(f"max_tokens must be an int (or {TO_CONTEXT!r}: up to the context), not {v!r}")
     return _int("max_tokens", v, 1, MAX_TOKENS_LIMIT)
 
 
