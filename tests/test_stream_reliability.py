@@ -88,14 +88,13 @@ def test_a_stream_that_cannot_continue_ends_with_an_error_never_repeated_text(ma
     # not continued (nor restarted from its first token), it ends with StreamInterrupted.
     pool = make_pool(num_workers=2, engine_options=SLOW_STREAM)
     s = pool.stream(LONG, max_tokens=len(LONG), logprobs=1)
-    text = ""
+    text, killed = "", False
     with pytest.raises(mpdp.StreamInterrupted, match="logprobs"):
-        for delta in s:
+        for delta in s:                              # what came before the death, then the error
             text += delta.texts[0]
-            if len(text) >= 40 and not delta.finished:
+            if not killed and len(text) >= 40:
                 kill_the_worker_streaming(pool)
-                while True:                          # what came before the death, then the error
-                    text += next(iter(s)).texts[0]
+                killed = True
     assert 40 <= len(text) < len(LONG) and LONG.startswith(text)
     with pytest.raises(mpdp.StreamInterrupted):
         s.result(timeout=10)
@@ -128,6 +127,46 @@ def test_hf_stream_killed_midway_yields_the_text_of_an_uninterrupted_run(no_chil
             wait_until(lambda: sum(w["restarts"] for w in pool.stats()["workers"]) > restarts
                        and all(w["state"] == "ready" for w in pool.stats()["workers"]), 300,
                        what="the killed worker's restart")
+
+
+@pytest.mark.timeout(300)
+def test_hf_engine_continues_a_stream_as_an_uninterrupted_run_would():
+    """The engine alone, cut after each of several pieces: greedy with a stop string and n=3, a
+    JSON grammar, and seeded sampling (its generator moved past the draws already made) all end
+    with the uninterrupted texts, and stream only what was not delivered."""
+    from mpdp.engines.base import EngineRequest, WorkerPlacement
+    from mpdp.engines.hf import HFEngine
+    from mpdp.models import resolve_model
+
+    engine = HFEngine(resolve_model(mpdp.DEFAULT_MODEL), {}, WorkerPlacement(0, [], 1))
+
+    def run(request):
+        engine.add(request)
+        pieces, final = [], None
+        while engine.has_unfinished():
+            for res in engine.step():
+                if res.finished:
+                    final = res
+                else:
+                    pieces.append(res)
+        return pieces, final
+
+    messages = [{"role": "user", "content": "Describe a cat as JSON with its name and age."}]
+    for params in ({"max_tokens": 40, "temperature": 0.0, "n": 3, "stop": ["age"]},
+                   {"max_tokens": 30, "temperature": 0.0, "response_format": {"type": "json_object"}},
+                   {"max_tokens": 30, "temperature": 0.8, "seed": 7, "n": 2}):
+        n = params.get("n", 1)
+        pieces, whole = run(EngineRequest(1, messages=messages, params=params, stream=True))
+        assert len(pieces) > 4
+        for cut in (1, len(pieces) // 2, len(pieces) - 1):
+            sent = [[sum((p.token_ids[i] for p in pieces[:cut]), []), sum(len(p.texts[i]) for p in pieces[:cut])]
+                    for i in range(n)]
+            more, final = run(EngineRequest(2, messages=messages, params=params, stream=True, continuation=sent))
+            assert final.texts == whole.texts and final.finish_reasons == whole.finish_reasons
+            assert final.completion_tokens == whole.completion_tokens
+            for i in range(n):   # what it streams follows what was delivered, within the whole text
+                delivered = "".join(p.texts[i] for p in pieces[:cut]) + "".join(p.texts[i] for p in more)
+                assert whole.texts[i].startswith(delivered)
 
 
 # -- 7: the final piece always reaches a sync Stream --------------------------------------------

@@ -14,9 +14,10 @@ A streamed request sent again after its worker died carries a ``continuation``: 
 tokens already streamed become its first generated tokens (prefilled after the prompt, counted in
 max_tokens, seen by penalties, stop strings and the JSON grammar), so decoding goes on exactly
 where it stopped and the text is decoded over all of them: no space is lost or added at the seam,
-and only characters past the delivered ones are streamed. At temperature 0 the text is that of an
-uninterrupted run (the prompt and streamed tokens are prefilled in one pass where the dead worker
-decoded them one by one: only float rounding could ever tell them apart).
+and only characters past the delivered ones are streamed. At temperature 0, and with a seed, the
+text is that of an uninterrupted run (a choice's generator is moved past the draws already made;
+the prompt and streamed tokens are prefilled in one pass where the dead worker decoded them one by
+one: only float rounding could ever tell them apart).
 
 Prefill is chunked: one ``step()`` prefills at most ``max_prefill_tokens`` (rows x columns,
 padding included), so a long prompt (7,000 tokens: ~14 s in one step on 2 cores, ~18 s in
@@ -320,6 +321,13 @@ class HFEngine(Engine):
                 if row.matcher is not None and not row.matcher.accept_token(t):
                     raise ValueError(f"the continuation's token {t} breaks the response_format grammar")
             row.tokens, row.sent, row.reported = list(tokens), sent, len(tokens)
+            if row.generator is not None and tokens:
+                # One draw per token sampled so far, so a seeded choice goes on as it would have.
+                # A draw takes the same randomness whatever the probabilities (of one vocabulary
+                # size), so drawing from a uniform one moves the generator where it was.
+                uniform = self._torch.ones(self.vocab_size, device=self.device)
+                for _ in tokens:
+                    self._torch.multinomial(uniform, 1, generator=row.generator)
             if tokens:
                 self._check_finish(row)     # a choice that had ended ends the same way again
 
