@@ -3,6 +3,16 @@
     import mpdp
     with mpdp.Pool(model="smollm2-135m-instruct", engine="hf", num_workers=2) as pool:
         print(pool.submit("What is 2+2?", max_tokens=32, temperature=0.0).result().text)
+
+The front doors and what they share (each builds one ``PoolConfig`` and goes through ``Pool``)::
+
+    front doors   cli.py + cli_args.py (mpdp generate | serve)   batch/   server/
+                  integrations/dspy.py (mpdp.dspy)   compat.py (the seed's classes)
+    shared rules  config.py (PoolConfig, SAMPLING)   defaults.py (defaults by entry point)
+                  openai_api/ (OpenAI bodies, for server/ and batch/)   errors.py
+    the pool      pool.py → core/ routing/ wire/ worker/ launch/ engines/
+
+Imports point down: nothing below the front doors imports one (tests/test_front_config.py).
 """
 
 from mpdp.errors import (ContextWindowExceededError, EngineError, MpdpError, PoolBroken, PoolClosed,

@@ -293,3 +293,25 @@ def test_every_pool_owner_closes_with_close(make_pool, no_child_left):
         assert other.closed
 
     asyncio.run(run())
+
+
+FRONT_DOORS = ("mpdp.cli", "mpdp.cli_args", "mpdp.batch", "mpdp.server", "mpdp.integrations", "mpdp.dspy",
+               "mpdp.compat", "mpdp.openai_api", "mpdp.defaults")
+BELOW = ["core", "routing", "wire", "worker", "launch", "engines", "pool.py", "config.py", "requests.py",
+         "errors.py", "models.py", "gcpause.py"]
+
+
+def test_nothing_below_the_front_doors_imports_one():
+    """The front doors (command line, server, batch, DSPy, the seed's classes) sit on top of one
+    pool: the pool and its parts never import them (at module level or inside a function)."""
+    import ast
+
+    files = [p for name in BELOW for p in ([ROOT / "mpdp" / name] if name.endswith(".py")
+                                          else sorted((ROOT / "mpdp" / name).rglob("*.py")))]
+    found = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [(path.name, n) for n in names if n.startswith(FRONT_DOORS)]
+    assert len(files) > 20 and found == []
