@@ -16,6 +16,11 @@ In this order, each engine started once and kept for what can share it (a start 
        mpdp:<n>        fixed limits (--pool-fixed, e.g. 512), if the budget allows
   4. bare at the rest of --bare-sweep (e.g. 768, 256), if the budget allows
 
+--no-bare skips 1, 2 and 4: one engine start, then mpdp:adaptive, the --pool-fixed limits and
+mpdp:off, in that order (a short check of the controller against a fixed limit on the same engine):
+
+    python -m bench.batch_limit --no-bare --pool-fixed 512 --budget-s 330 --json out/check.json
+
 A time budget (--budget-s) skips what would not finish, and says so; results are written to the
 JSON after every measurement. Each mpdp row also carries the controller's trace (its limit, the
 reason and the requests in flight, sampled every half second).
@@ -166,7 +171,9 @@ class Bench:
     def run(self) -> None:
         a = self.args
         opts = a.engine_options
-        pool_modes = ["adaptive", "off"] + [str(n) for n in a.pool_fixed]
+        fixed = [str(n) for n in a.pool_fixed]
+        # Without bare runs the fixed limits are the yardstick: measured before the old credit.
+        pool_modes = ["adaptive"] + fixed + ["off"] if a.no_bare else ["adaptive", "off"] + fixed
 
         def pool():
             h = self.host("pool", "bench.batch_limit:LimitPoolRunner", opts, {"batch_limit": "adaptive"})
@@ -191,21 +198,25 @@ class Bench:
         log(f"{a.requests} requests x {a.max_tokens} tokens, prompts {a.prompt_len}, model {a.model}, "
             f"budget {a.budget_s:.0f}s")
         # What decides first: bare at its defaults, bare at the first sweep value, mpdp; then the rest.
-        for n in [None] + a.bare_sweep[:1]:
+        first, rest = ([], []) if a.no_bare else ([None] + a.bare_sweep[:1], a.bare_sweep[1:])
+        for n in first:
             self.wave([f"bare:{n or 'default'}"], lambda n=n: bare(n))
         self.wave(["mpdp"], pool)
-        for n in a.bare_sweep[1:]:
+        for n in rest:
             self.wave([f"bare:{n}"], lambda n=n: bare(n))
         self.data["meta"]["elapsed_s"] = round(time.monotonic() - self.t0, 1)
         self.save()
 
     def report(self) -> str:
         rows = self.data["results"]
-        base = next((r for r in rows if r["variant"] == "bare:default"), None)
+        # The baseline: bare vLLM at its defaults, or (--no-bare) the pool's old credit.
+        base = next((r for r in rows if r["variant"] == "bare:default"), None) \
+            or next((r for r in rows if r["variant"] == "mpdp:off"), None)
         best_fixed = max((r for r in rows if r["variant"].startswith("bare:") or r["variant"].split(":")[1].isdigit()),
                          key=lambda r: r["output_tok_s"], default=None)
         lines = [f"## Batch limit: {self.data['meta']['gpu']} {self.data['meta']['date']}", "",
-                 "| variant | output tok/s | vs bare:default | vs best fixed | final limit |", "|---|---:|---:|---:|---|"]
+                 f"| variant | output tok/s | vs {base['variant'] if base else 'bare:default'} | vs best fixed "
+                 "| final limit |", "|---|---:|---:|---:|---|"]
         for r in rows:
             vs = f"{r['output_tok_s'] / base['output_tok_s']:.3f}x" if base else "-"
             vb = f"{r['output_tok_s'] / best_fixed['output_tok_s']:.3f}x" if best_fixed else "-"
@@ -228,6 +239,8 @@ def parse_args(argv=None):
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--bare-sweep", default="512", help="comma list of max_num_seqs for bare LLM.generate "
                    "after its defaults (e.g. 512,768,256)")
+    p.add_argument("--no-bare", action="store_true", help="no bare LLM.generate runs: one pool engine only "
+                   "(adaptive, then --pool-fixed, then off)")
     p.add_argument("--pool-fixed", default="", help="comma list of fixed batch limits measured on the pool's engine")
     p.add_argument("--engine-options", default="{}", help="JSON of extra vllm.EngineArgs for every engine")
     p.add_argument("--seed", type=int, default=0)

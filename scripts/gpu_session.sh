@@ -10,9 +10,10 @@
 #   scripts/gpu_session.sh OUT_DIR recovery two vLLM workers on one GPU, one SIGKILLed mid-run
 #   scripts/gpu_session.sh OUT_DIR ray      vLLM through the Ray launcher vs the local one (Ray on loopback)
 #   scripts/gpu_session.sh OUT_DIR batch    the adaptive batch limit vs bare vLLM at its defaults and at 512
+#   scripts/gpu_session.sh OUT_DIR batch-check  one pool engine: adaptive, fixed 512, off (~5 minutes)
 set -uo pipefail
-out=${1:?usage: scripts/gpu_session.sh OUT_DIR core|prefix|ceiling|serve|recovery|ray|batch}
-part=${2:?part: core, prefix, ceiling, serve, recovery, ray or batch}
+out=${1:?usage: scripts/gpu_session.sh OUT_DIR core|prefix|ceiling|serve|recovery|ray|batch|batch-check}
+part=${2:?part: core, prefix, ceiling, serve, recovery, ray, batch or batch-check}
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -84,6 +85,12 @@ batch)
   timeout 540 python3 -m bench.batch_limit --model "$big" --requests 2048 --max-tokens 512 \
     --bare-sweep ${MPDP_BATCH_SWEEP:-512,768,256} --budget-s ${MPDP_BATCH_BUDGET:-515} \
     --json "$out/batch_limit.json" 2>&1 | tail -40 > "$out/batch_limit.log"
+  ;;
+batch-check)
+  # The same load on one pool engine only: the controller beside a fixed 512 and the old credit.
+  timeout 360 python3 -m bench.batch_limit --model "$big" --requests 2048 --max-tokens 512 --no-bare \
+    --pool-fixed 512 --budget-s ${MPDP_BATCH_BUDGET:-340} \
+    --json "$out/batch_check.json" 2>&1 | tail -40 > "$out/batch_check.log"
   ;;
 *) echo "unknown part $part" >&2; exit 2;;
 esac
