@@ -94,3 +94,25 @@ def _utf8(raw: bytes) -> bool:
         return True
     except UnicodeDecodeError:
         return False
+
+
+def test_vllm_logprobs_become_the_same_record():
+    """vLLM gives per position a {token id: Logprob(logprob, rank)} of the top k plus the sampled
+    token (whose rank may be past k); the record keeps the top k, best first, and the choice."""
+    from types import SimpleNamespace as Logprob
+
+    from mpdp.engines.vllm import _records
+
+    choice = SimpleChoice(token_ids=[5, 6], logprobs=[
+        {5: Logprob(logprob=-0.1, rank=1), 7: Logprob(logprob=-2.0, rank=2)},
+        {8: Logprob(logprob=-0.5, rank=1), 9: Logprob(logprob=-1.0, rank=2), 6: Logprob(logprob=-3.0, rank=4)}])
+    records = _records(choice, 2, lambda t: bytes([96 + t]))
+    assert [(r["token"], r["logprob"]) for r in records] == [("e", -0.1), ("f", -3.0)]
+    assert [[(t["token"], t["logprob"]) for t in r["top_logprobs"]] for r in records] == [
+        [("e", -0.1), ("g", -2.0)], [("h", -0.5), ("i", -1.0)]]
+    assert _records(choice, 0, lambda t: bytes([96 + t]))[1]["top_logprobs"] == []
+
+
+class SimpleChoice:
+    def __init__(self, token_ids, logprobs):
+        self.token_ids, self.logprobs = token_ids, logprobs
