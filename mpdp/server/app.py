@@ -353,15 +353,11 @@ def endpoint_defaults(pool) -> dict[str, dict]:
             for kind, door in ((parsing.CHAT, "serve_chat"), (parsing.COMPLETION, "serve_completions"))}
 
 
-def _pool_kwargs(state: ServerState, p: parsing.Parsed, inp: dict) -> dict:
-    return {**inp, "timeout": state.request_timeout, **state.defaults[p.kind], **p.sampling}
-
-
 async def _open_streams(state: ServerState, p: parsing.Parsed) -> list:
     streams = []
     try:
-        for inp in p.inputs:
-            streams.append(await state.pool.astream(**_pool_kwargs(state, p, inp)))
+        for call in p.pool_calls():
+            streams.append(await state.pool.astream(**call, timeout=state.request_timeout))
     except BaseException:
         for s in streams:
             s.cancel()
@@ -372,7 +368,8 @@ async def _open_streams(state: ServerState, p: parsing.Parsed) -> list:
 async def _answer(request: Request, state: ServerState, p: parsing.Parsed, arrived: float,
                   queued: float) -> Response:
     """A non-streamed request: the pool's answers, unless the client leaves first (then abort)."""
-    tasks = [asyncio.ensure_future(state.pool.asubmit(**_pool_kwargs(state, p, inp))) for inp in p.inputs]
+    tasks = [asyncio.ensure_future(state.pool.asubmit(**call, timeout=state.request_timeout))
+             for call in p.pool_calls()]
     results = tasks[0] if len(tasks) == 1 else asyncio.gather(*tasks)
     gone = asyncio.ensure_future(_disconnected(request))
     try:
