@@ -23,8 +23,10 @@ input formats (detected from the first line; one file holds one):
   simple   {"id", "prompt" | "messages", <sampling fields>}  ->  {"id", "text", "finish_reason", "usage"}
   openai   {"custom_id", "method": "POST", "url": "/v1/chat/completions" | "/v1/completions", "body"}
            ->  {"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}
-  Other fields (metadata, an answer) are copied to the output line. A request that fails alone
-  gets an error line in its place.
+  OpenAI bodies follow mpdp serve's rules (a body the server refuses fails here too; no stream).
+  Other fields (metadata, an answer) are copied to the output line. A line that fails alone (a
+  bad value, url or model: found before any worker starts) gets an error line in its place:
+  simple {"id", "error", "param"}; openai response.body null and the error object in "error".
 
 stopping and resuming:
   SIGINT/SIGTERM abort what is in flight and keep what is written; --resume skips the ids the
