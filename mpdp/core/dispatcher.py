@@ -438,12 +438,11 @@ class Dispatcher:
         if credit is not None:
             self.scheduler.set_capacity(slot.index, credit)
 
-    def _feed(self, entry: Entry, res: EngineResult | None) -> bool:
+    def _feed(self, entry: Entry, res: EngineResult) -> None:
         """Hand ``res`` to the entry's sink. A sink that raises ends its own request: it is aborted
         in its engine and its future fails with the cause; nothing else is touched."""
         try:
             entry.sink(res)
-            return True
         except Exception as exc:
             entry.sink = None                   # never called again
             rid = entry.request.id
@@ -455,7 +454,6 @@ class Dispatcher:
                                                       f"text ({exc!r}); the request was aborted")
                 failure.__cause__ = exc
                 self._fail(entry, failure)
-            return False
 
     # -- deaths, timers -----------------------------------------------------------------------------
     def _on_death(self, slot: Slot, now: float) -> None:
