@@ -174,6 +174,7 @@ class _Coreless:
         self.vllm_config = vllm_config
         self.renderer = renderer_from_config(vllm_config)
         self.input_processor = InputProcessor(vllm_config, self.renderer)
+        self.engine_core = _NoCore()
         self.requests = {}
 
     @classmethod
@@ -193,6 +194,17 @@ class _Coreless:
 
     def has_unfinished_requests(self):
         return bool(self.requests)
+
+
+class _NoCore:
+    """Stands for the engine-core client (``vllm.v1.engine.core_client.EngineCoreClient``, whose
+    methods mpdp uses are checked in ``engine_methods``): there is no engine core process here."""
+
+    def get_output(self, *args, **kwargs):
+        raise AssertionError("the check has no engine core: nothing is generated")
+
+    def shutdown(self):
+        pass
 
 
 def _checks(model: str):
@@ -264,7 +276,12 @@ def _checks(model: str):
             assert attr in source, f"LLMEngine no longer sets {attr}"
         from vllm.v1.engine.core_client import EngineCoreClient
 
-        assert callable(getattr(EngineCoreClient, "shutdown", None))
+        for name in ("get_output", "shutdown"):          # step counting wraps get_output; close() shuts down
+            assert callable(getattr(EngineCoreClient, name, None)), f"EngineCoreClient.{name} is gone"
+        from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
+
+        assert "new_token_ids" in EngineCoreOutput.__struct_fields__, EngineCoreOutput.__struct_fields__
+        assert "outputs" in EngineCoreOutputs.__struct_fields__, EngineCoreOutputs.__struct_fields__
         from vllm.distributed.parallel_state import cleanup_dist_env_and_memory  # noqa: F401  (close())
 
     def sampling_fields():
