@@ -155,6 +155,29 @@ def test_settings_off_fixed_adaptive():
         mpdp.PoolConfig(batch_limit=True)
 
 
+def test_a_graph_ceiling_is_known_as_one():
+    """A ceiling below the advertised credit is the largest CUDA graph: the controller starts there
+    and leaves it only on clear evidence (tests/test_batch_limit_cohorts.py)."""
+    limits = BatchLimits("adaptive")
+    limits.worker_ready(0, 1152, {"graph_max": 512})
+    limits.worker_ready(1, 1152, {})
+    limits.worker_ready(2, 300, {"graph_max": 512})
+    assert [limits.workers[i].controller.graph_ceiling for i in range(3)] == [True, False, False]
+    body = {"steps": 10, "tokens": 5000, "running": 5000, "busy_s": 0.3, "finished": 12}
+    assert limits.steps(0, body, True, 1.0) is None            # counted: warming up, nothing decided
+    assert limits.workers[0].controller.limit == 512
+
+
+def test_steps_frames_carry_finished_requests():
+    from mpdp.wire import protocol
+
+    body = {"steps": 3, "tokens": 9, "running": 9, "busy_s": 0.1, "finished": 2}
+    assert protocol.steps_from_wire(body) == body
+    for bad in ({**body, "finished": -1}, {**body, "finished": 1.5}, {k: v for k, v in body.items() if k != "finished"}):
+        with pytest.raises(protocol.ProtocolError):
+            protocol.steps_from_wire(bad)
+
+
 def test_auto_is_the_engines_own_default():
     from mpdp.engines import engine_class
 

@@ -10,6 +10,7 @@ its engine holds; the rest wait in the pool's queue, in order) is:
   [ceiling / 8, ceiling], the ceiling being the advertised credit or, for vLLM with CUDA graphs,
   the largest captured graph (a larger decode batch runs without one, each step prepared on
   the CPU: the knee that vLLM's default ``max_num_seqs`` of 1024 lies past on an H100/H200).
+  A graph ceiling is where the controller starts and what it leaves only on clear evidence.
 
 Routing, streaming and recovery see only a credit that moves: a lowered credit sends nothing
 new to that worker until it holds less; nothing in flight is touched.
@@ -80,7 +81,7 @@ class BatchLimits:
         w = self.workers.get(index)
         if w is None or w.controller is None:
             return None
-        report = StepReport(body["steps"], body["tokens"], body["running"], float(body["busy_s"]))
+        report = StepReport(body["steps"], body["tokens"], body["running"], float(body["busy_s"]), body["finished"])
         credit = w.controller.observe(now, report, saturated)
         w.reason = w.controller.reason
         if credit == w.credit:
@@ -104,7 +105,10 @@ class BatchLimits:
         elif isinstance(self.setting, int):
             w.controller, w.credit, w.reason = None, self.setting, FIXED
         else:
-            w.controller = BatchLimit(w.ceiling, **self.options)
+            # A ceiling below the advertised credit is the largest CUDA graph: start there, and
+            # leave it only on clear evidence (see the controller).
+            graph = w.hint is not None and w.hint < w.advertised
+            w.controller = BatchLimit(w.ceiling, **{"graph_ceiling": graph, **self.options})
             w.credit, w.reason = w.controller.limit, w.controller.reason
 
     def describe(self, index: int) -> dict:

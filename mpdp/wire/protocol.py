@@ -9,7 +9,7 @@ every record is checked on the way in (a malformed one is a ProtocolError, never
     READY      Ready {index, pid, capacity..} SUBMIT    [request, ...]   (a micro-batch)
     HEARTBEAT  Heartbeat {steps, call, busy_s} ABORT    [request_id, ...]
     STEPS      {steps, tokens, running,      (what the engine's steps did since the last STEPS:
-                busy_s}                       the measurements behind each worker's batch limit)
+                busy_s, finished}             the measurements behind each worker's batch limit)
     RESULTS    [result, ...]                  PING      {}   (the dispatcher is alive)
     DEAD       {error}   (sent before exiting SHUTDOWN  {}
                on an engine failure)
@@ -221,15 +221,16 @@ def abort_ids(body: Any) -> list[int]:
 
 
 # -- step measurements -------------------------------------------------------------------------
-STEP_FIELDS = ("steps", "tokens", "running", "busy_s")
+STEP_FIELDS = ("steps", "tokens", "running", "busy_s", "finished")
+_STEP_COUNTS = ("steps", "tokens", "running", "finished")
 
 
 def steps_from_wire(body: Any) -> dict:
-    """A STEPS body: four non-negative numbers (counts are ints)."""
+    """A STEPS body: five non-negative numbers (counts are ints, busy_s seconds)."""
     if not isinstance(body, dict) or not all(k in body for k in STEP_FIELDS):
         raise ProtocolError(f"a STEPS body must be a map with {', '.join(STEP_FIELDS)}")
     out = {k: body[k] for k in STEP_FIELDS}
-    if not (all(_is_int(out[k]) and out[k] >= 0 for k in STEP_FIELDS[:3])
+    if not (all(_is_int(out[k]) and out[k] >= 0 for k in _STEP_COUNTS)
             and isinstance(out["busy_s"], (int, float)) and not isinstance(out["busy_s"], bool)
             and 0 <= out["busy_s"] < float("inf")):
         raise ProtocolError(f"bad STEPS body {out!r}")

@@ -106,8 +106,9 @@ def _serve(sock, engine, progress: Progress, heartbeat_interval: float) -> None:
         if engine.has_unfinished():
             started = time.monotonic()
             with progress.running("step"):
-                out.extend(engine.step())
-            meter.stepped(started)
+                stepped = engine.step()
+            out.extend(stepped)
+            meter.stepped(started, sum(1 for r in stepped if r.finished))
         else:
             meter.idle()
         if out:

@@ -1,10 +1,12 @@
 """What a worker's engine steps do, summed and sent to the dispatcher as STEPS now and then.
 
 The dispatcher's batch limit (``mpdp/routing/batch_limit.py``) needs output tokens per second at
-the number of sequences that ran. Only the worker sees the steps: it times each one (from the
-end of the previous step while the engine stayed busy, so the worker's own work between steps
-counts, as it does in the throughput a caller gets) and asks the engine what ran
-(``Engine.step_counts``). The sums leave at most every ``REPORT_S``: a few small frames a second.
+the number of sequences that ran, and how many requests finished (its windows end where the
+batch has turned over, so that cohorts that start and finish together are measured whole). Only
+the worker sees the steps: it times each one (from the end of the previous step while the engine
+stayed busy, so the worker's own work between steps counts, as it does in the throughput a
+caller gets), asks the engine what ran (``Engine.step_counts``) and counts the requests that
+left with each step. The sums leave at most every ``REPORT_S``: a few small frames a second.
 Engines that cannot count (``step_counts`` returns None) send nothing.
 """
 
@@ -27,11 +29,12 @@ class StepMeter:
         self._reset()
 
     def _reset(self) -> None:
-        self.steps = self.tokens = self.running = 0
+        self.steps = self.tokens = self.running = self.finished = 0
         self.busy_s = 0.0
 
-    def stepped(self, started: float) -> None:
-        """One engine step ran from ``started`` (or from the previous step's end) until now."""
+    def stepped(self, started: float, finished: int = 0) -> None:
+        """One engine step ran from ``started`` (or from the previous step's end) until now, and
+        ``finished`` requests left the engine with it."""
         now = time.monotonic()
         counts = self.engine.step_counts()
         begin = self._last_end if self._last_end is not None else started
@@ -42,6 +45,7 @@ class StepMeter:
         self.steps += 1
         self.running += running
         self.tokens += tokens
+        self.finished += finished
         self.busy_s += now - begin
 
     def idle(self) -> None:
@@ -54,5 +58,6 @@ class StepMeter:
         self._next_report = now + self.report_s
         if self.steps:
             sock.send_multipart(protocol.encode(Tag.STEPS, {
-                "steps": self.steps, "tokens": self.tokens, "running": self.running, "busy_s": self.busy_s}))
+                "steps": self.steps, "tokens": self.tokens, "running": self.running, "busy_s": self.busy_s,
+                "finished": self.finished}))
             self._reset()
