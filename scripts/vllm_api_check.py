@@ -20,7 +20,8 @@ one the release was built against (vLLM 0.27 - 0.32: torch 2.13, the CPU build C
    Then: every sampling field mpdp maps, valid and invalid (each invalid one must reach the
    caller as ValueError/TypeError, and the worker loop must fail that request alone),
    RequestOutputKind, structured outputs (and an invalid schema), chat rendering, token ids out
-   of the vocabulary, the exception hierarchy, and the engine methods and output fields mpdp reads.
+   of the vocabulary, the exception hierarchy, the engine methods and output fields mpdp reads,
+   and RequestOutputs built with the release's classes through mpdp's ``step`` (logprobs, streams).
 
 Exit status: 0 all checks passed; 1 a check failed (each one named); 77 skipped (the wheel cannot
 be had here, or this Python is too old for the release), the reason on the last line.
@@ -176,6 +177,7 @@ class _Coreless:
         self.input_processor = InputProcessor(vllm_config, self.renderer)
         self.engine_core = _NoCore()
         self.requests = {}
+        self.outputs = []               # what the next step() returns (the check builds them)
 
     @classmethod
     def from_engine_args(cls, engine_args, usage_context=None):
@@ -194,6 +196,13 @@ class _Coreless:
 
     def has_unfinished_requests(self):
         return bool(self.requests)
+
+    def step(self):
+        outputs, self.outputs = self.outputs, []
+        for out in outputs:
+            if out.finished:
+                self.requests.pop(out.request_id, None)
+        return outputs
 
 
 class _NoCore:
@@ -362,6 +371,49 @@ def _checks(model: str):
         unknown = set(FINISH_REASON_STRINGS) - set(_FINISH) - {"error"}      # "error" fails the request
         assert not unknown, f"finish reasons mpdp does not map: {unknown}"
 
+    def outputs_through_step():
+        """RequestOutputs built with the release's own classes, through mpdp's step(): FINAL_ONLY
+        with logprobs, DELTA pieces of a stream, and a choice vLLM failed."""
+        from vllm.logprobs import Logprob
+        from vllm.outputs import CompletionOutput, RequestOutput
+
+        eng = engine()
+        tok = eng._tokenizer
+        ids = list(tok.encode(" Paris is", add_special_tokens=False))[:2]
+
+        def output(rid, token_ids, finished, reason=None, logprobs=None, text=None):
+            choice = CompletionOutput(index=0, text=tok.decode(token_ids) if text is None else text,
+                                      token_ids=token_ids, cumulative_logprob=None, logprobs=logprobs,
+                                      finish_reason=reason)
+            return RequestOutput(request_id=rid, prompt=None, prompt_token_ids=[1, 2, 3], prompt_logprobs=None,
+                                 outputs=[choice], finished=finished)
+
+        added({"logprobs": 1, "max_tokens": 2})
+        rid = str(state["next"])
+        positions = [{ids[0]: Logprob(-0.25, rank=1), 999: Logprob(-1.5, rank=2)}, {ids[1]: Logprob(-0.75, rank=1)}]
+        eng._engine.outputs = [output(rid, ids, True, "length", positions)]
+        (result,) = eng.step()
+        assert result.error is None and result.finished, result
+        assert result.texts == [tok.decode(ids)] and result.finish_reasons == ["length"], result
+        assert (result.prompt_tokens, result.completion_tokens) == (3, 2), result
+        assert [r["logprob"] for r in result.logprobs[0]] == [-0.25, -0.75], result.logprobs
+
+        added(stream=True, prompt="Hi")
+        rid = str(state["next"])
+        eng._engine.outputs = [output(rid, ids[:1], False)]
+        (partial,) = eng.step()
+        assert not partial.finished and partial.texts == [tok.decode(ids[:1])], partial
+        eng._engine.outputs = [output(rid, ids[1:], True, "stop")]
+        (final,) = eng.step()
+        assert final.finished and final.texts == [tok.decode(ids[:1]) + tok.decode(ids[1:])], final
+        assert final.finish_reasons == ["stop"] and final.completion_tokens == 2, final
+
+        added()
+        eng._engine.outputs = [output(str(state["next"]), ids, True, "error")]
+        (failed,) = eng.step()
+        assert failed.error_type == "EngineError" and "finish_reason 'error'" in failed.error, failed
+        assert not {rid, str(state["next"])} & set(eng._live)          # each one returned, none held
+
     def abort():
         eng = engine()
         before = set(eng._engine.requests)
@@ -372,7 +424,7 @@ def _checks(model: str):
 
     return [(f.__name__, f) for f in (engine_args, engine_methods, sampling_fields, invalid_sampling_values,
                                       structured_outputs, chat_rendering, bad_token_ids, exception_hierarchy,
-                                      outputs_and_finish_reasons, abort)]
+                                      outputs_and_finish_reasons, outputs_through_step, abort)]
 
 
 # What the check builds its engine with: fields mpdp converts (a dict, an int) and the README's.
