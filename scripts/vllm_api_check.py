@@ -83,6 +83,7 @@ def prepare(version: str, root: Path) -> list[Path]:
     _install_light_deps(metadata, deps)
     _write_platform_plugin(deps)
     done.write_text(version)
+    found[0].unlink()                   # unpacked: the 330 MB wheel is not needed again
     return [site, deps]
 
 

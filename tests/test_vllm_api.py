@@ -2,7 +2,7 @@
 
 The release is ``MPDP_VLLM_CHECK_VERSION`` (CI sets the newest whose torch is the CPU torch CI
 installs); unset, the check is skipped, since its first run downloads the release's wheel
-(about 330 MB, cached afterwards under ~/.cache/mpdp/vllm-check).
+(about 330 MB; its unpacked Python layer is kept under ~/.cache/mpdp/vllm-check).
 """
 
 from __future__ import annotations
