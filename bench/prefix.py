@@ -23,10 +23,12 @@ Every request asks for ``--max-tokens`` (8) tokens with ``ignore_eos``, so gener
 fixed. ``--threads`` (128) callers each submit one request and wait for it (a closed loop);
 ``--stream`` streams each request, so that the time to its first text (TTFT) is measured.
 
-**Policies.** ``--policies`` takes names with options: ``cache_aware`` routes by the engines' KV
-events where the pool has them (vLLM) and ``cache_aware:events=false`` by its mirror alone, so
-``least_loaded,cache_aware:events=false,cache_aware`` compares least loaded, the mirror and the
-event index in one run. Per run the JSON has P50/P90 latency (and TTFT with ``--stream``), the
+**Policies.** ``--policies`` takes names with options: ``cache_aware`` routes by its mirror (the
+default), ``cache_aware:events=true`` by the engines' KV events where the pool has them (vLLM), with
+the prefixes sent and not yet confirmed pending on their worker, and
+``cache_aware:events=true+pending=false`` by the confirmed events alone (the first version), so
+``least_loaded,cache_aware,cache_aware:events=true+pending=false,cache_aware:events=true`` compares
+least loaded, the mirror and both event versions in one run. Per run the JSON has P50/P90 latency (and TTFT with ``--stream``), the
 prompt tokens the engines reported cached (``Completion.cached_tokens``) and, from ``stats()``,
 how many of the router's predictions were within one KV block of the engine's report.
 
@@ -414,9 +416,10 @@ def bench_pool(args) -> dict:
     text = Text(args.model, args.engine)
     if args.engine == "vllm":
         os.environ.setdefault("VLLM_LOG_STATS_INTERVAL", "1")   # the workers inherit it
-    # cache_aware at the start: on vLLM that turns on the engines' KV events and the pool's index,
-    # which every cache_aware run then uses (set_routing swaps only the policy).
-    kwargs = {"engine": args.engine, "engine_options": engine_options(args), "routing": "cache_aware"}
+    # cache_aware with events at the start: on vLLM that turns on the engines' KV events and the
+    # pool's index, which every cache_aware:events=true run then uses (set_routing swaps only the policy).
+    kwargs = {"engine": args.engine, "engine_options": engine_options(args), "routing": "cache_aware",
+              "routing_options": {"events": True}}
     if args.model:
         kwargs["model"] = args.model
     if args.engine == "vllm":

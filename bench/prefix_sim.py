@@ -11,6 +11,15 @@ GPU that the engines share, calibrated against the measured 8B-shaped runs on on
     python -m bench.prefix_sim                                  # every workload and policy
     python -m bench.prefix_sim --workloads docqa --policies least_loaded,cache_aware
     python -m bench.prefix_sim --set band=1.0 --set worth=8     # CacheAware settings to try
+    python -m bench.prefix_sim --workloads tenants,docqa --model-set cache_tokens=116496 \
+        --policies least_loaded,cache_aware,cache_aware:events=true+pending=false,cache_aware:events=true
+
+A policy takes options as in bench/prefix.py (``name:key=value+...``). ``cache_aware`` routes by its
+mirror; ``cache_aware:events=true`` by the modelled engines' KV events (``prefix_sim_engine.py``
+publishes them as vLLM does: a block once the step that computes it is over, an eviction in the
+engine's LRU order; a batch per step, a hop later) into mpdp's own ``KVIndex``, with the pending
+layer; ``+pending=false`` without it (the first version, measured on one H100). The policy
+tokenizes prompts one word a token, as the engines do.
 
 Words are tokens: prompts are built with one word a token (the calibrated text of the GPU runs), so
 mpdp's 4-characters-a-token estimate is off here as it is there. ``pure_affinity`` is a reference,
@@ -27,20 +36,30 @@ import statistics
 import sys
 
 from bench.prefix import WORKLOADS, Text, add_workload_arguments, build, parse_settings, write
-from bench.prefix_sim_engine import Engine, EngineModel, prompt_tokens
+from bench.prefix_sim_engine import Engine, EngineModel, prompt_tokens, token_ids
 from mpdp.engines.base import EngineRequest
 from mpdp.requests import estimate_cost
 from mpdp.routing import POLICIES, CacheAware, PrefixAffinity, Scheduler, Ticket
+from mpdp.routing.kv_index import KVIndex
 
-SIM_POLICIES = ("least_loaded", "prefix_affinity", "cache_aware", "pure_affinity")
+SIM_POLICIES = ("least_loaded", "prefix_affinity", "cache_aware", "pure_affinity",
+                "cache_aware:events=true+pending=false", "cache_aware:events=true")
 
 
-def make_policy(name: str, settings: dict | None = None):
+def make_policy(spec: str, settings: dict | None = None):
+    """A policy from ``name`` or ``name:key=value+...``; ``settings`` (``--set``) go to cache_aware
+    under the spec's own options."""
+    name, _, opts = spec.partition(":")
+    kwargs = parse_settings(filter(None, opts.split("+")))
     if name == "pure_affinity":
         return PrefixAffinity(slack=10**18)
     if name == "cache_aware":
-        return CacheAware(**(settings or {}))
-    return POLICIES[name]()
+        return CacheAware(**{**(settings or {}), **kwargs})
+    return POLICIES[name](**kwargs)
+
+
+def _tokenize(request) -> list[int]:
+    return token_ids(request.prompt, request.messages)
 
 
 class WordText(Text):
@@ -61,8 +80,21 @@ class Sim:
         self._seq = itertools.count()
         self.scheduler = Scheduler(policy=policy)
         self.engines = [Engine(i, model, self) for i in range(workers)]
+        # The engines' KV events, where the policy wants them: the pool's index, fed as the
+        # listener thread would (each batch applied a hop after its step, in order).
+        self.kv = KVIndex() if getattr(policy, "wants_kv_events", False) else None
+        if self.kv is not None:
+            policy.use_kv_events(self.kv, _tokenize, model.block)
+        self._batch_seq = [0] * workers            # each engine's next event batch
         for e in self.engines:
-            self.scheduler.add_worker(e.index, capacity, {"kv_cache_tokens": model.cache_tokens})
+            info = {"kv_cache_tokens": model.cache_tokens}
+            if self.kv is not None:
+                info["extra"] = {"kv_events": {"topic": f"sim/{e.index}", "endpoint": "inproc://sim",
+                                               "block_size": model.block}}
+                e.publish = True
+            self.scheduler.add_worker(e.index, capacity, info)
+            if self.kv is not None:
+                self.kv.start(e.index, self.kv.wanted[e.index])
         self.requests = requests
         self.max_tokens = max_tokens
         self.threads = threads
@@ -74,6 +106,9 @@ class Sim:
         self.busy = [0.0] * workers
         self.starved = 0.0                          # seconds a worker held nothing while another queued
         self._mark = 0.0
+        self._sent: dict[int, float] = {}           # request -> when its caller submitted it
+        self.ttft: list[float] = []
+        self.latency: list[float] = []
 
     # -- events ----------------------------------------------------------------------------------
     def at(self, t: float, fn, *args) -> None:
@@ -112,6 +147,7 @@ class Sim:
         if i is None:
             return
         self.submitted += 1
+        self._sent[i] = self.now
         body = self.requests[i]
         req = EngineRequest(i, body.get("prompt"), body.get("messages"), None, {"max_tokens": self.max_tokens})
         policy = self.scheduler.policy
@@ -121,14 +157,28 @@ class Sim:
                 self._hold(index, +1)
                 self.at(self.now + self.model.hop_s, self.engines[index].arrive, t.id, self.tokens[t.id])
 
-    def finished(self, engine: Engine, rid: int) -> None:
+    def finished(self, engine: Engine, r) -> None:
         """The engine returned a request: the dispatcher hears it a hop later, the caller submits again."""
         def back():
-            self.scheduler.finished(engine.index, rid)
+            ticket = self.scheduler.finished(engine.index, r.id)
+            if ticket is not None:
+                self.scheduler.policy.reported(ticket, engine.index, r.prompt, r.cached)
             self._hold(engine.index, -1)
             self.done += 1
+            self.latency.append(self.now - self._sent[r.id])
             self.submit()
         self.at(self.now + self.model.hop_s, back)
+
+    def first_token(self, rid: int) -> None:
+        self.ttft.append(self.now + self.model.hop_s - self._sent[rid])
+
+    def published(self, engine: Engine, events: list[tuple]) -> None:
+        """A step's KV events: the index applies them a hop later (``apply`` wants them in order)."""
+        if self.kv is None:
+            return
+        seq = self._batch_seq[engine.index]
+        self._batch_seq[engine.index] = seq + 1
+        self.at(self.now + self.model.hop_s, self.kv.apply, engine.index, seq, events)
 
     def _hold(self, index: int, d: int) -> None:
         # Starved: a worker holds nothing while another holds two or more and callers still have
@@ -144,13 +194,29 @@ class Sim:
 
     def report(self) -> dict:
         seconds = self.now
+        prompt = sum(e.prompt_total for e in self.engines)
+        policy = self.scheduler.policy
+        stats = [policy.worker_stats(e.index) for e in self.engines] if hasattr(policy, "worker_stats") else []
+        predicted = {}
+        for source in ("exact", "mirror"):
+            n = sum(s[f"predicted_{source}"] for s in stats)
+            if n:
+                predicted[source] = round(sum(s[f"predicted_{source}_within_block"] for s in stats) / n, 3)
         return {"requests": self.done, "seconds": round(seconds, 4), "starved_s": round(self.starved, 4),
                 "requests_per_s": round(self.done / seconds, 2) if seconds else 0.0,
+                "ttft_p90_s": _quantile(self.ttft, 0.9), "latency_p90_s": _quantile(self.latency, 0.9),
+                "cached_share": round(sum(e.hit_total for e in self.engines) / prompt, 4) if prompt else None,
+                "predicted_within_block": predicted,
                 "workers": {str(e.index): {"requests": e.requests, "prompt_tokens": e.prompt_total,
                                            "computed_prompt_tokens": e.computed_total,
                                            "hit_rate_pct": round(100 * e.hit_total / max(1, e.prompt_total), 1),
                                            "busy_share": round(self.busy[e.index] / seconds, 3) if seconds else 0.0}
                             for e in self.engines}}
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    values = sorted(values)
+    return round(values[min(len(values) - 1, int(q * len(values)))], 4) if values else None
 
 
 def run_one(workload: str, policy: str, args, model: EngineModel, settings: dict | None = None, seed: int = 1) -> dict:
@@ -175,7 +241,9 @@ def table(args, model: EngineModel, settings: dict | None = None) -> dict:
             row["ratio_to_least_loaded"] = round(row["requests_per_s"] / base, 3) if base else None
             last_run = row["runs"][-1]
             last = last_run["workers"]
-            print(f"{workload:7s} {policy:16s} {row['requests_per_s']:8.2f} req/s  x{row['ratio_to_least_loaded']}"
+            print(f"{workload:7s} {policy:38s} {row['requests_per_s']:8.2f} req/s  x{row['ratio_to_least_loaded']}"
+                  f"  p90 ttft {last_run['ttft_p90_s']}  cached {last_run['cached_share']}"
+                  f"  predicted {last_run['predicted_within_block']}"
                   f"  busy {[w['busy_share'] for w in last.values()]}"
                   f"  hit% {[w['hit_rate_pct'] for w in last.values()]}"
                   f"  computed {[w['computed_prompt_tokens'] for w in last.values()]}"

@@ -13,6 +13,13 @@ What it keeps of vLLM (v1) because routing depends on it:
 - **Admission.** Waiting requests start in order while the step's token budget and free blocks
   last; a request's cache hit is its longest run of cached blocks at admission (at least one
   token is always computed). Prefill is chunked to the token budget, decodes take one token.
+- **Events.** With ``publish`` on, the engine tells the pool what its cache does as vLLM's KV
+  events do (``mpdp/routing/kv_index.py``'s tuples): ``BlockStored`` for the blocks a request
+  allocated, once the step that computes them is over (vLLM publishes a step's events when it
+  ends; a request that waits in the queue, or whose prefill takes several steps, is known late),
+  and ``BlockRemoved`` for each cached block allocation evicts, in the LRU order above. A step's
+  events go out as one batch, a hop later. Copies of a block being computed by another request
+  (``private``) are not cached, so they publish nothing.
 - **Time.** A step costs the engine's CPU (scheduling, output handling, tokenizing new prompts)
   and then GPU work: per step, per computed token, per token of context a decode reads. Engines
   on one GPU share it evenly while both have a step on it (time slicing), so an idle engine
@@ -29,6 +36,8 @@ from __future__ import annotations
 
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+
+from mpdp.routing.kv_index import REMOVED, STORED
 
 
 @dataclass
@@ -47,30 +56,44 @@ class EngineModel:
     shared_gpu: bool = True          # all engines on one GPU (the measured setup)
 
 
-def prompt_tokens(body: dict, block: int) -> tuple[int, tuple[int, ...]]:
-    """A request's prompt length in tokens (words; chat rendered with role markers as a template
-    would) and the chained hashes of its full blocks."""
-    if body.get("messages") is not None:
+_VOCAB: dict[str, int] = {}
+
+
+def words_of(prompt: str | None, messages: list[dict] | None) -> list[str]:
+    """A prompt's tokens (words; chat rendered with role markers as a template would)."""
+    if messages is not None:
         tokens = []
-        for m in body["messages"]:
+        for m in messages:
             tokens += ["<|im_start|>", m["role"], *m["content"].split(), "<|im_end|>"]
-        tokens += ["<|im_start|>", "assistant"]
-    else:
-        tokens = body["prompt"].split()
+        return tokens + ["<|im_start|>", "assistant"]
+    return prompt.split()
+
+
+def token_ids(prompt: str | None, messages: list[dict] | None) -> list[int]:
+    """The prompt's token ids, one a word (the pool's tokenizer in the simulation)."""
+    vocab = _VOCAB
+    return [vocab.setdefault(w, len(vocab)) for w in words_of(prompt, messages)]
+
+
+def prompt_tokens(body: dict, block: int) -> tuple[int, tuple[int, ...], list[int]]:
+    """A request's prompt length in tokens, the chained hashes of its full blocks and its token ids."""
+    ids = token_ids(body.get("prompt"), body.get("messages"))
     hashes, h = [], 0
-    for start in range(0, len(tokens) - block + 1, block):
-        h = hash((h, tuple(tokens[start:start + block])))
+    for start in range(0, len(ids) - block + 1, block):
+        h = hash((h, tuple(ids[start:start + block])))
         hashes.append(h)
-    return len(tokens), tuple(hashes)
+    return len(ids), tuple(hashes), ids
 
 
 class _Req:
-    __slots__ = ("id", "prompt", "hashes", "computed", "generated", "held", "private")
+    __slots__ = ("id", "prompt", "hashes", "ids", "computed", "generated", "held", "private", "cached",
+                 "fresh")
 
-    def __init__(self, rid: int, prompt: int, hashes: tuple[int, ...]):
-        self.id, self.prompt, self.hashes = rid, prompt, hashes
-        self.computed = self.generated = self.private = 0
+    def __init__(self, rid: int, prompt: int, hashes: tuple[int, ...], ids: list[int]):
+        self.id, self.prompt, self.hashes, self.ids = rid, prompt, hashes, ids
+        self.computed = self.generated = self.private = self.cached = 0
         self.held: list[int] = []
+        self.fresh: deque[int] = deque()                # blocks it caches, not yet published (positions)
 
 
 class Engine:
@@ -85,9 +108,11 @@ class Engine:
         self.stepping = False
         self._batch: list[tuple[_Req, int]] = []        # the step on the GPU: (request, tokens)
         self.requests = self.prompt_total = self.hit_total = self.computed_total = 0
+        self.publish = False                            # KV events (the pool's event index listens)
+        self.events: list[tuple] = []                   # this step's, published when it ends
 
     # -- requests in and out -----------------------------------------------------------------------
-    def arrive(self, rid: int, tokens: tuple[int, tuple[int, ...]]) -> None:
+    def arrive(self, rid: int, tokens: tuple[int, tuple[int, ...], list[int]]) -> None:
         self.waiting.append(_Req(rid, *tokens))
         self.new_tokens += tokens[0]
         if not self.stepping:
@@ -113,7 +138,8 @@ class Engine:
                 del lru[h]
                 ref[h] = 1
         r.held = list(r.hashes[:hit])
-        for h in r.hashes[hit:]:
+        for pos in range(hit, len(r.hashes)):
+            h = r.hashes[pos]
             self._take()
             if h in ref:                                # being computed by another request: a copy
                 r.private += 1
@@ -121,13 +147,16 @@ class Engine:
             if h in lru:                                # a stale copy behind an evicted block: replace it
                 del lru[h]
                 self.free += 1
+                if self.publish:
+                    self.events.append((REMOVED, [h]))
             ref[h] = 1
             r.held.append(h)
+            r.fresh.append(pos)
         extra = need - (len(r.hashes) - hit)
         for _ in range(extra):
             self._take()
         r.private += extra
-        r.computed = hit * block
+        r.computed = r.cached = hit * block
         self.requests += 1
         self.prompt_total += r.prompt
         self.hit_total += r.computed
@@ -138,7 +167,9 @@ class Engine:
         if self.free:
             self.free -= 1
         else:
-            self.lru.popitem(last=False)                # evict the least recently freed cached block
+            h, _ = self.lru.popitem(last=False)         # evict the least recently freed cached block
+            if self.publish:
+                self.events.append((REMOVED, [h]))
 
     def _release(self, r: _Req) -> None:
         ref, lru = self.ref, self.lru
@@ -181,17 +212,33 @@ class Engine:
 
     def step_done(self) -> None:
         finished = set()
+        block, publish = self.model.block, self.publish
         for r, n in self._batch:
             if r.computed < r.prompt:
                 r.computed += n
+                if publish:
+                    self._stored(r, block)
                 if r.computed == r.prompt:
                     r.generated = 1                     # the prefill's last chunk samples a token
+                    self.sim.first_token(r.id)
             else:
                 r.generated += 1
             if r.generated >= self.sim.max_tokens:
                 finished.add(r.id)
                 self._release(r)
-                self.sim.finished(self, r.id)
+                self.sim.finished(self, r)
         if finished:
             self.running = [r for r in self.running if r.id not in finished]
+        if self.events:
+            self.sim.published(self, self.events)
+            self.events = []
         self._step()
+
+    def _stored(self, r: _Req, block: int) -> None:
+        """BlockStored for the blocks ``r`` cached whose tokens this step computed, as vLLM's events
+        carry them: the engine's hashes, the parent's hash, the token ids."""
+        fresh, hashes, ids = r.fresh, r.hashes, r.ids
+        while fresh and (fresh[0] + 1) * block <= r.computed:
+            p = fresh.popleft()
+            self.events.append((STORED, [hashes[p]], hashes[p - 1] if p else None,
+                                ids[p * block:(p + 1) * block], block))

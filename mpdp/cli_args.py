@@ -74,7 +74,10 @@ def pool_config(args: argparse.Namespace, **overrides) -> PoolConfig:
 
 
 def flag_of(name: str) -> str:
-    return "--engine-option" if name == "engine_options" else "--" + name.replace("_", "-")
+    return _REPEATED.get(name) or "--" + name.replace("_", "-")
+
+
+_REPEATED = {"engine_options": "--engine-option", "routing_options": "--routing-option"}
 
 
 def named(exc: BaseException) -> str:

@@ -353,6 +353,11 @@ class PoolConfig:
                                                  "--num-gpus)", "I,J,...", _gpu_list))
     # cache_aware: measured never worse than least_loaded (bench/RESULTS.md)
     routing: str = _setting("cache_aware", Flag("how requests are placed on workers", choices=_policies))
+    # the policy's keywords; events=true makes cache_aware route by vLLM's KV-cache events (opt-in)
+    routing_options: dict = _setting(flag=Flag("routing policy option, e.g. events=true (cache_aware: "
+                                                "route by vLLM's KV-cache events; repeatable)", "KEY=JSON",
+                                                pairs=True, json=True, name="--routing-option"),
+                                     factory=dict)
     max_batch: int = _setting(512, Flag("requests per micro-batch frame", "N", positive_int))
     # requests each engine holds; the rest wait in the pool's queue (mpdp/core/batch_limits.py)
     batch_limit: str | int = _setting("auto", Flag("requests each engine holds: auto (the engine's default: "
@@ -442,6 +447,13 @@ class PoolConfig:
         if not isinstance(self.wait_ready, bool):
             raise TypeError(f"wait_ready must be a bool, not {type(self.wait_ready).__name__}")
         _plain("engine_options", self.engine_options)
+        if not isinstance(self.routing_options, dict):
+            raise TypeError(f"routing_options must be a dict, not {type(self.routing_options).__name__}")
+        _plain("routing_options", self.routing_options)
+        if self.routing_options:                   # checked here, before any worker starts
+            from mpdp.routing import make_policy
+
+            make_policy(self.routing, self.routing_options)
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -555,7 +567,8 @@ def config_with(config: "PoolConfig | None", settings: dict[str, Any], sampling:
                         f"{', '.join(SAMPLING)}; pool settings: {', '.join(sorted(POOL_FIELDS))}")
     base = config if config is not None else PoolConfig()
     values = {f.name: getattr(base, f.name) for f in dataclasses.fields(PoolConfig)}
-    values["engine_options"], values["worker_env"] = dict(values["engine_options"]), dict(values["worker_env"])
+    for name in ("engine_options", "worker_env", "routing_options"):
+        values[name] = dict(values[name])
     values.update(settings)
     merged = values["sampling"]
     merged = merged.to_dict() if isinstance(merged, SamplingParams) else dict(merged or {})

@@ -43,7 +43,7 @@ from mpdp.gcpause import gc_paused
 from mpdp.launch import make_launcher
 from mpdp.launch.local import visible_gpus
 from mpdp.requests import Completion, build_request, estimate_cost
-from mpdp.routing import POLICIES, Scheduler, Ticket
+from mpdp.routing import Scheduler, Ticket, make_policy
 from mpdp.wire.transport import Transport
 
 _CHUNK = 4096          # requests per command posted by generate(): one wake-up per chunk
@@ -90,8 +90,7 @@ class Pool:
         self.sampling = config.sampling
         self.defaults = config.sampling.to_dict()     # the wire form; each request starts from it
         self.max_pending = config.max_pending
-        if config.routing not in POLICIES:
-            raise ValueError(f"routing must be one of {', '.join(POLICIES)}, not {config.routing!r}")
+        self._policy = make_policy(config.routing, config.routing_options)
         options = dict(config.engine_options)
         slots = self._plan(engine_cls, config, options)
         self.model = resolve_model(self.engine, config.model, options)
@@ -103,8 +102,8 @@ class Pool:
             transport = Transport(kind="tcp" if remote else config.transport,
                                   host=remote.bind_host if remote else config.transport_host,
                                   port=config.transport_port)
-        self._policy = POLICIES[config.routing]()
-        # cache_aware on vLLM: the engines publish their KV-cache events, a thread keeps an exact index.
+        # cache_aware with events=True on vLLM: the engines publish their KV-cache events, a thread
+        # keeps an exact index.
         self._kv_events = kv_events.attach(self._policy, engine_cls, self.model, options, remote is not None)
         self._admission = admission = Admission(config.max_pending)
         launch = LaunchConfig(self.engine, self.model, options, config.heartbeat_interval,

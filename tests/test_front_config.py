@@ -60,7 +60,7 @@ def test_flags_become_the_config():
 # A valid value other than the default for every pool setting.
 SETTINGS = {
     "model": "some-model", "engine": "echo", "num_workers": 3, "num_gpus": None, "tensor_parallel_size": 1,
-    "engine_options": {"delay_s": 0.5}, "gpus": None, "routing": "least_loaded", "max_batch": 64, "batch_limit": 8, "max_pending": 99,
+    "engine_options": {"delay_s": 0.5}, "gpus": None, "routing": "prefix_affinity", "routing_options": {"slack": 100}, "max_batch": 64, "batch_limit": 8, "max_pending": 99,
     "max_crashes": 5, "heartbeat_interval": 0.25, "heartbeat_timeout": 9.0, "step_timeout": 50.0,
     "ready_timeout": 70.0, "shutdown_timeout": 3.0, "dispatcher_timeout": 20.0, "transport": "tcp",
     "transport_host": "127.0.0.2", "transport_port": 5999, "worker_logs": "inherit", "worker_env": {"A": "b"},

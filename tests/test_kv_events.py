@@ -20,12 +20,16 @@ def _output(num_cached_tokens):
     return SimpleNamespace(outputs=[choice], prompt_token_ids=list(range(40)), num_cached_tokens=num_cached_tokens)
 
 
+def _no_records(choice):
+    raise AssertionError("no choice asked for logprobs")
+
+
 def test_vllm_num_cached_tokens_reaches_the_result_and_crosses_the_wire():
-    res = vllm_engine._result(7, _output(32))
+    res = vllm_engine._result(7, _output(32), _no_records)
     assert res.cached_tokens == 32 and res.prompt_tokens == 40
     _, body = protocol.decode(protocol.encode(protocol.Tag.RESULTS, [protocol.result_to_wire(res)]))
     assert protocol.result_from_wire(body[0]).cached_tokens == 32
-    acc = vllm_engine._Accumulated(40)
+    acc = vllm_engine._Accumulated(40, _no_records)
     acc.add(_output(16))
     acc.add(_output(None))                 # a later delta that does not repeat it keeps the figure
     assert acc.final(7, _output(None)).cached_tokens == 16
@@ -336,12 +340,25 @@ def test_events_that_stop_make_the_worker_fall_back_then_resume(listener, publis
     assert wait_for(lambda: lst.index.usable(0))
 
 
+@pytest.mark.timeout(60)
+def test_an_expectation_met_by_a_batch_already_applied_keeps_the_worker_live(listener, publishers):
+    # A request sent before the last batch (a long prefill, published when it was scheduled) that
+    # finishes only now is no sign that the events stopped, however long ago that batch was.
+    lst = listener(stale_s=0.3)
+    pub = publishers("mpdp-kv/0/dd")
+    connected(lst, pub, 0)
+    lst.index.expect(0, lst.index.batches(0) - 1)
+    assert wait_for(lambda: lst._follows[0].expected == 1)    # the listener has looked at it
+    time.sleep(1.0)
+    assert lst.index.usable(0)
+
+
 # -- routing by the index ----------------------------------------------------------------------------
 from mpdp.engines.base import EngineRequest  # noqa: E402
 
 
-def _policy_with_index():
-    policy = CacheAware(block_tokens=8)
+def _policy_with_index(pending=True):
+    policy = CacheAware(block_tokens=8, events=True, pending=pending)
     kv = KVIndex()
     policy.use_kv_events(kv, lambda req: req.prompt_token_ids, BS)
     workers = [WorkerLoad(i, capacity=100) for i in range(2)]
@@ -371,7 +388,9 @@ def test_choose_follows_the_exact_index_and_falls_back_to_the_mirror():
     assert t.route.predicted == 40 and t.route.predicted_exact and t.cost == 51 - 40
     # worker 1's events stop, its engine drops the prefix: its mirror still says it holds it
     kv.set_live(1, False)
-    policy.assigned(_placed(policy, doc, 2), 1)
+    placed = _placed(policy, doc, 2)
+    policy.assigned(placed, 1)
+    policy.finished(placed, 1)                         # over before the engine cleared its cache
     kv.apply(1, 1, [(CLEARED,)])
     t3 = _ticket(policy, 3, doc + [8, 8])
     assert policy.choose(t3, [w0, w1]) is w1 and not t3.route.predicted_exact and t3.route.predicted == 40
@@ -390,18 +409,137 @@ def test_reported_counts_predictions_and_expects_events_for_new_blocks():
     policy, kv, (w0, w1) = _policy_with_index()
     t = _ticket(policy, 1, list(range(20)))
     w = policy.choose(t, [w0, w1])
+    policy.assigned(t, w.index)
     assert t.route.predicted == 0
     policy.reported(t, w.index, 20, 0)                 # nothing cached: it stored 5 blocks
     policy.reported(t, w.index, 20, 2)                 # off by less than one block
     policy.reported(t, w.index, 20, 16)                # 16 cached, 20 // 4 = 5 blocks > 4: still new ones
     stats = policy.worker_stats(w.index)
     assert stats["predicted_exact"] == 3 and stats["predicted_exact_within_block"] == 2
-    assert kv.expected[w.index] == 3
+    assert kv.expected[w.index] == (3, 0)              # three requests, no batch seen since they were sent
     policy.reported(t, w.index, 19, 16)                # every whole block was cached: no event due
-    assert kv.expected[w.index] == 3
+    assert kv.expected[w.index] == (3, 0)
+
+
+def test_a_long_prefill_whose_batch_came_raises_no_expectation():
+    # The engine publishes a request's blocks when it schedules it: however long it then takes,
+    # a batch applied since it was sent is its proof of life, and nothing is expected.
+    policy, kv, (w0, w1) = _policy_with_index()
+    ids = list(range(500, 540))
+    t = _ticket(policy, 1, ids)
+    w = policy.choose(t, [w0, w1])
+    policy.assigned(t, w.index)
+    kv.apply(w.index, 0, [(STORED, list(range(1, 11)), None, ids, BS)])
+    policy.reported(t, w.index, 40, 0)
+    assert w.index not in kv.expected
+
+
+# -- the pending layer: prefixes sent, not yet confirmed by the engine's events ------------------------
+from mpdp.routing.kv_pending import PendingBlocks  # noqa: E402
+
+
+def _busy(w0, w1, load0, load1):
+    """Both workers hold a request (so the wide allowance applies), with these queued tokens."""
+    w0.in_flight[900], w1.in_flight[901] = Ticket(900, load0), Ticket(901, load1)
+    w0.outstanding, w1.outstanding = load0, load1
+
+
+def _send(policy, workers, i, ids):
+    t = _ticket(policy, i, ids)
+    w = policy.choose(t, workers)
+    w.in_flight[t.id] = t
+    w.outstanding += t.cost
+    policy.assigned(t, w.index)
+    return t, w
+
+
+def test_a_follower_of_an_unconfirmed_prefix_goes_to_the_same_worker():
+    doc = list(range(2000, 2064))                      # 16 blocks of 4
+    for pending in (True, False):
+        policy, kv, (w0, w1) = _policy_with_index(pending=pending)
+        _busy(w0, w1, 10, 20)
+        first, w = _send(policy, [w0, w1], 1, doc + [1, 1])
+        assert w is w0 and first.route.predicted == 0  # cached nowhere: the least loaded
+        assert kv.holders == {}                        # its engine has not scheduled it yet
+        w0.outstanding += 100                          # now worker 0 is the busier one
+        follower, w = _send(policy, [w0, w1], 2, doc + [2, 2])
+        if pending:
+            assert w is w0 and follower.route.predicted == 64 and follower.route.predicted_exact
+            assert follower.cost == follower.route.cost - 64      # charged only its uncached part
+        else:                                          # the first version: by load, a second copy
+            assert w is w1 and follower.route.predicted == 0
+
+
+def test_pending_claims_give_way_to_confirmed_blocks_and_their_removal():
+    policy, kv, (w0, w1) = _policy_with_index()
+    pend = policy._pending
+    doc = list(range(3000, 3064))
+    _busy(w0, w1, 10, 20)
+    first, _ = _send(policy, [w0, w1], 1, doc + [1, 1])
+    assert pend.keys(0) == 4                           # 16 blocks, kept at every 4th
+    policy.finished(first, 0)                          # over; its batch may still be on its way
+    assert pend.draining(0) == 1 and pend.keys(0) == 4
+    kv.apply(0, 0, [(STORED, list(range(1, 17)), None, doc, BS)])    # the engine's event: confirmed
+    w0.outstanding += 100
+    follower, w = _send(policy, [w0, w1], 2, doc + [2, 2])
+    assert w is w0 and follower.route.predicted == 64
+    assert pend.draining(0) == 0                       # given back at the first batch after it ended
+    policy.finished(follower, 0)
+    kv.apply(0, 1, [(REMOVED, list(range(9, 17)))])    # the engine evicted the tail: the index says so
+    pend.drain(0, kv.batches(0))
+    assert pend.keys(0) == 0 and pend.holders == {}
+    third, w = _send(policy, [w0, w1], 3, doc + [3, 3])
+    assert w is w0 and third.route.predicted == 32     # what is left, not what was sent
+    kv.apply(0, 2, [(CLEARED,)])
+    fourth, w = _send(policy, [w0, w1], 4, doc + [4, 4])
+    # the third request is still in flight on worker 0: it stores its whole prefix there again
+    assert w is w0 and fourth.route.predicted == 64
+    policy.finished(third, 0)
+    policy.finished(fourth, 0)
+    kv.apply(0, 3, [])                                 # a later batch: the claims go
+    fifth, w = _send(policy, [w0, w1], 5, doc + [5, 5])
+    assert w is w1 and fifth.route.predicted == 0      # cached nowhere: by load
+
+
+def test_pending_claims_follow_retries_and_die_with_their_worker():
+    policy, kv, (w0, w1) = _policy_with_index()
+    pend = policy._pending
+    doc = list(range(4000, 4064))
+    t, w = _send(policy, [w0, w1], 1, doc + [0])
+    assert pend.keys(w.index) == 4
+    policy.assigned(t, 1 - w.index)                    # re-bound elsewhere: the claim moves
+    assert pend.keys(w.index) == 0 and pend.keys(1 - w.index) == 4
+    policy.worker_removed(1 - w.index)                 # its engine is gone, and what was sent to it
+    assert pend.holders == {}
+    policy.finished(t, 1 - w.index)                    # a late finish of a dead claim changes nothing
+    assert pend.holders == {}
+
+
+def test_pending_memory_is_bounded():
+    pb = PendingBlocks(stride=2, max_draining=3)
+    pb.add_worker(0)
+    marks = [pb.marks(tuple(range(k, k + 8))) for k in range(0, 800, 8)]   # 100 prompts of 8 blocks
+    claims = [pb.claim(0, m) for m in marks]
+    assert pb.keys(0) == 400 and all(len(m) == 4 for m in marks)
+    for c, m in zip(claims, marks):
+        pb.finish(c, m, batches=0)                     # over, and no batch ever comes
+    assert pb.draining(0) == 3 and pb.keys(0) == 12    # only the last few wait
+    pb.drain(0, batches=1)
+    assert pb.keys(0) == 0 and pb.holders == {}
+    # counted claims: two requests on one prefix, one gives it back
+    a, b = pb.claim(0, marks[0]), pb.claim(0, marks[0])
+    pb.release(a, marks[0])
+    assert pb.match(marks[0], [0]) == {0: 8}           # 4 marks x stride 2
+    pb.release(b, marks[0])
+    assert pb.match(marks[0], [0]) == {0: 0}
+    pb.add_worker(0)                                   # a new incarnation: an old claim is ignored
+    pb.release(a, marks[0])
+    assert pb.keys(0) == 0
 
 
 def test_without_events_the_mirror_alone_routes():
+    assert CacheAware().wants_kv_events is False        # the default until a GPU run says otherwise
+    assert CacheAware(events=True).wants_kv_events is True
     policy = CacheAware(events=False)
     assert policy.wants_kv_events is False and policy.kv is None
     req = EngineRequest(1, "x" * 2000, None, None, {"max_tokens": 8})
@@ -427,3 +565,24 @@ def test_metrics_carry_prefix_reuse_and_predictions():
     assert 'mpdp:prefix_cache_hit_rate{worker="0"} 0.75' in text
     assert 'mpdp:routing_prefix_predictions_within_block_total{source="exact",worker="0"} 9.0' in text
     assert 'worker="1"} 50' not in text.split("mpdp:prefix_cache_queries")[1]
+
+
+# -- opt-in from the pool's settings -------------------------------------------------------------------
+def test_events_are_opt_in_through_routing_options(no_child_left):
+    import mpdp
+    from mpdp.cli import build_parser
+    from mpdp.config import PoolConfig
+    from mpdp.routing import make_policy
+
+    assert make_policy("cache_aware").wants_kv_events is False
+    assert make_policy("cache_aware", {"events": True, "pending": False})._pending is None
+    with pytest.raises(TypeError, match="routing_options: cache_aware does not take"):
+        PoolConfig(routing_options={"evnts": True})
+    with pytest.raises(ValueError, match="routing_options: "):
+        PoolConfig(routing_options={"pending_stride": 0})
+    args = build_parser().parse_args(["serve", "--routing-option", "events=true", "--routing-option", "band=2"])
+    assert PoolConfig.from_cli_args(args).routing_options == {"events": True, "band": 2}
+    # echo publishes no events: the pool routes by the mirror, with the policy built from the options
+    with mpdp.Pool(engine="echo", num_workers=2, routing_options={"events": True}, max_tokens=4) as pool:
+        assert pool._policy.wants_kv_events and pool._kv_events is None
+        assert len(pool.generate(["x" * 3000 + str(i) for i in range(6)])) == 6

@@ -22,11 +22,11 @@ def run(*args: str, out) -> dict:
 
 
 def test_echo_compares_the_mirror_and_the_event_index_with_ttft(tmp_path, no_child_left):
-    # echo has no KV events: cache_aware falls back to the mirror, and the run's shape is what counts
+    # echo has no KV events: cache_aware:events=true falls back to the mirror, and the run's shape is what counts
     result = run("--engine", "echo", "--scale", "0.03", "--rounds", "1", "--threads", "8", "--settle-s", "0",
                  "--workloads", "tenants,docqa", "--stream",
-                 "--policies", "least_loaded,cache_aware:events=false,cache_aware", out=tmp_path / "ev.json")
-    assert set(result["summary"]["tenants"]) == {"least_loaded", "cache_aware:events=false", "cache_aware"}
+                 "--policies", "least_loaded,cache_aware,cache_aware:events=true", out=tmp_path / "ev.json")
+    assert set(result["summary"]["tenants"]) == {"least_loaded", "cache_aware", "cache_aware:events=true"}
     for r in result["runs"]:
         assert r["errors"] == 0 and r["ttft_p90_s"] is not None and r["latency_p90_s"] is not None
         assert r["cached_tokens"] is None and set(r["predictions"]) >= {"exact_within_block_share"}

@@ -59,8 +59,9 @@ def model_dir() -> str:
 def pool(model_dir):
     import mpdp
 
+    # cache_aware's KV-event index is opt-in: on here, as the event tests below need it
     with mpdp.Pool(model=model_dir, engine="vllm", num_gpus=1, engine_options=OPTIONS,
-                   worker_logs="inherit") as p:
+                   routing_options={"events": True}, worker_logs="inherit") as p:
         yield p
 
 
@@ -286,7 +287,7 @@ def test_two_workers_sharing_a_gpu_start_one_after_another_and_get_alike_caches(
     options = {k: v for k, v in OPTIONS.items() if k != "gpu_memory_utilization"}
     options["gpu_memory_utilization"] = 0.3
     with mpdp.Pool(model=model_dir, engine="vllm", gpus=[0, 0], engine_options=options,
-                   worker_logs="inherit") as p:
+                   routing_options={"events": True}, worker_logs="inherit") as p:
         caches = [w["kv_cache_tokens"] for w in p.stats()["workers"]]
         texts = [c.text for c in p.generate(["a b c"] * 8, max_tokens=4, temperature=0.0)]
         # cache_aware with the engines' events: a long shared prefix, then its questions one by one

@@ -20,9 +20,13 @@ A sequence gap (a SUB socket joins a publisher late, and sees its first batch wi
 batch was lost) is repaired from the publisher's replay socket (vLLM keeps its last
 ``buffer_steps`` batches); when the replay cannot cover it, the worker's index is cleared and goes on
 from the batch at hand, so it holds less than the engine, never more. When requests that stored
-blocks finished on a worker (``KVIndex.expected`` grew) and no batch arrived within ``stale_s``
-around them, the worker's events are taken as stopped: it is not ``live`` and the policy uses its
-mirror for it, until a batch arrives again (in sequence, or repaired).
+blocks finished on a worker while no batch of it was applied since they were sent
+(``KVIndex.expected`` grew) and no batch arrives within ``stale_s`` after that, the worker's events
+are taken as stopped: it is not ``live`` and the policy uses its mirror for it, until a batch
+arrives again (in sequence, or repaired). The test is counted in batches, not in time since the
+last one: the engine publishes a request's blocks when it schedules it, so a request that waited
+long in the engine's queue or took long to prefill has had its batch long before it finishes, and
+only a request after which no batch came at all raises the question.
 """
 
 from __future__ import annotations
@@ -108,7 +112,7 @@ def decode_batch(payload: bytes) -> list[tuple]:
 class _Follow:
     feed: Feed
     last_batch: float = 0.0          # monotonic time of the last batch
-    expected: int = 0                # KVIndex.expected when last looked at
+    expected: int = 0                # KVIndex.expected's count when last looked at
     expect_since: float | None = None
     stale: bool = False
 
@@ -158,7 +162,8 @@ class KVEventListener:
                 self._unfollow(i)
         for i, feed in wanted.items():
             if i not in self._follows:
-                self._follows[i] = _Follow(feed, last_batch=time.monotonic())
+                self._follows[i] = _Follow(feed, last_batch=time.monotonic(),
+                                           expected=self.index.expected.get(i, (0, 0))[0])
                 self._by_topic[feed.topic.encode()] = i
                 self.index.start(i, feed)
                 self._sub.connect(feed.endpoint)
@@ -248,13 +253,14 @@ class KVEventListener:
             sock.close(linger=0)
 
     def _check_stale(self, now: float) -> None:
-        expected = self.index.expected
+        index = self.index
+        expected = index.expected
         for i, f in self._follows.items():
-            n = expected.get(i, 0)
+            n, seen = expected.get(i, (0, 0))
             if n != f.expected:
                 f.expected = n
-                # A batch shortly before counts: the request's blocks were stored at its prefill.
-                if f.expect_since is None and now - f.last_batch > self.stale_s:
+                # A batch applied since the dispatcher looked was the one it waits for.
+                if f.expect_since is None and index.batches(i) == seen:
                     f.expect_since = now
             if f.expect_since is not None and not f.stale and now - f.expect_since > self.stale_s:
                 f.stale = True

@@ -78,16 +78,25 @@ The tree is an estimate: prompt tokens are guessed at 4 characters a token for t
 different texts can tokenize to a shared prefix the character blocks do not see. A wrong guess
 costs a prefill, never a wrong answer.
 
-**The engines' own events.** Where the engine publishes its KV-cache events (vLLM), the pool
-keeps an exact index of each worker's cached blocks from them (``kv_index.py``, fed by the
-listener thread of ``core/kv_events.py``) and gives it to this policy (``use_kv_events``, with the
-model's tokenizer). ``route_key`` then also tokenizes the prompt, in the caller's thread, and keys
-its blocks in the engine's block size; ``choose`` takes ``saved(w)`` from the exact index for
-every worker whose index is live, and from the mirror for the others (a worker whose events
-stopped, or an engine without events), with the same load rule. The exact token count also
-replaces the 4-characters estimate in the ticket's cost. The mirror is kept for every worker all
-the same, so that a worker whose events stop falls back to a warm one. ``reported`` compares, per
-worker, the cached tokens the policy predicted with those the engine reported (``stats()``).
+**The engines' own events** (opt-in: ``events=True``). Where the engine publishes its KV-cache
+events (vLLM), the pool keeps an exact index of each worker's cached blocks from them
+(``kv_index.py``, fed by the listener thread of ``core/kv_events.py``) and gives it to this policy
+(``use_kv_events``, with the model's tokenizer). ``route_key`` then also tokenizes the prompt, in
+the caller's thread, and keys its blocks in the engine's block size. The index knows a block only
+once the engine has scheduled the request that stores it, seconds after it was sent under load; so
+the prefixes of the requests sent to a worker and not yet over are kept beside it, pending on that
+worker (``kv_pending.py``), and ``choose`` takes ``saved(w)`` for every worker whose index is live
+from the longer of its confirmed and its pending match: the index is the truth about what is
+cached (evictions included), the pending claims what is about to be. Without that layer
+(``pending=False``, the first version) the followers of a new prefix found it cached nowhere until
+its first request was scheduled and went by load to every worker, which then each cached it: on
+one H100 with an 8B-shaped model that routed document QA at half the mirror's rate. Workers whose
+events stopped, and engines without events, are matched by the mirror, with the same load rule.
+The exact token count also replaces the 4-characters estimate in the ticket's cost. The mirror is
+kept for every worker all the same, so that a worker whose events stop falls back to a warm one.
+``reported`` compares, per worker, the cached tokens the policy predicted with those the engine
+reported (``stats()``). Until a GPU run shows the event index ahead of the mirror, the mirror is
+the default (``bench/RESULTS.md``).
 """
 
 from __future__ import annotations
@@ -95,6 +104,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from mpdp.routing.kv_index import KVIndex, block_keys, cacheable_blocks, feed_from_ready, longest_matches
+from mpdp.routing.kv_pending import PendingBlocks
 from mpdp.routing.policies import RoutingPolicy, load_key
 from mpdp.routing.tickets import Ticket, WorkerLoad
 
@@ -115,10 +125,12 @@ class PrefixKey:
     """What ``route_key`` leaves on a ticket: the prompt's block hashes, what a block is worth in
     tokens, and (set at the first ``choose``) the ticket's full cost, kept for retries. With the
     engines' events: the keys of its blocks in the engine's block units (``exact``) and its
-    prompt length in tokens; ``choose`` leaves the cached tokens it predicted on the worker it
-    picked, and whether that came from the exact index."""
+    prompt length in tokens, and the keys its pending claim is kept at (``marks``); ``choose``
+    leaves the cached tokens it predicted on the worker it picked, and whether that came from the
+    exact index; ``assigned`` the claim it made and the worker's applied event batches then."""
 
-    __slots__ = ("blocks", "block_tokens", "cost", "exact", "prompt_tokens", "predicted", "predicted_exact")
+    __slots__ = ("blocks", "block_tokens", "cost", "exact", "prompt_tokens", "predicted", "predicted_exact",
+                 "marks", "claim", "batches_at")
 
     def __init__(self, blocks: tuple[int, ...], block_tokens: int):
         self.blocks = blocks
@@ -128,6 +140,9 @@ class PrefixKey:
         self.prompt_tokens: int | None = None
         self.predicted: int | None = None
         self.predicted_exact = False
+        self.marks: tuple[int, ...] = ()
+        self.claim: tuple[int, int] | None = None
+        self.batches_at: int | None = None
 
     def __repr__(self) -> str:
         return f"PrefixKey({len(self.blocks)} blocks of {self.block_tokens} tokens)"
@@ -168,14 +183,17 @@ class CacheAware(RoutingPolicy):
     ``worth``: tokens of extra queue accepted per token the match saves. ``cache_factor``: the
     mirror's token budget per worker as a multiple of its reported KV cache (above 1 on purpose,
     module doc). ``default_cache_tokens``: the budget when a worker reports none.
+    ``events``: route by the engines' KV events where the pool has them (vLLM; off by default, see
+    the module doc). ``pending``: with events, count the prefixes sent to a worker and not yet over
+    as cached there (``kv_pending.py``); ``pending_stride``: the claims' granularity, in engine blocks.
     The defaults were tuned on ``bench/prefix_sim.py`` (a simulation of the measured runs).
     """
 
     def __init__(self, block_chars: int = 512, block_tokens: int = 128, band: float = 4.0,
                  worth: float = 16.0, cache_factor: float = 1.5, default_cache_tokens: int = 262_144,
-                 events: bool = True):
-        if block_chars < 4 or block_tokens < 1:
-            raise ValueError("block_chars must be >= 4 and block_tokens >= 1")
+                 events: bool = False, pending: bool = True, pending_stride: int = 4):
+        if block_chars < 4 or block_tokens < 1 or pending_stride < 1:
+            raise ValueError("block_chars must be >= 4, block_tokens and pending_stride >= 1")
         if band < 0 or worth < 0 or not cache_factor > 0 or default_cache_tokens < 1:
             raise ValueError("band and worth must be >= 0, cache_factor > 0, default_cache_tokens >= 1")
         self.block_chars = block_chars
@@ -193,6 +211,8 @@ class CacheAware(RoutingPolicy):
         self.kv: KVIndex | None = None
         self.kv_block_size = 16
         self._tokenize = None
+        self.pending_stride = pending_stride
+        self._pending: PendingBlocks | None = PendingBlocks(pending_stride) if pending else None
         self._reports: dict[int, list[int]] = {}              # worker -> counters (see reported)
 
     def use_kv_events(self, index: KVIndex, tokenize, block_size: int) -> None:
@@ -217,6 +237,8 @@ class CacheAware(RoutingPolicy):
                 size = self.kv_block_size
                 key.exact = block_keys(ids, size, cacheable_blocks(len(ids), size))
                 key.prompt_tokens = len(ids)
+                s = self.pending_stride
+                key.marks = key.exact[s - 1::s] if s > 1 else key.exact
                 params = request.params
                 key.cost = 1 + len(ids) + params.get("max_tokens", 16) * params.get("n", 1)
         return key if blocks or key.exact else None
@@ -242,8 +264,15 @@ class CacheAware(RoutingPolicy):
         if cost is None:
             cost = key.cost = ticket.cost          # the full estimate, before any discount
         exact = self._exact_workers(key, candidates)
+        pending = self._pending if exact else None
+        if pending is not None:
+            kv = self.kv
+            for i in exact:
+                pending.drain(i, kv.batches(i))
+            if not key.marks or not pending.holders.get(key.marks[0]):
+                pending = None                     # pending nowhere
         if ((not key.blocks or not self._holders.get(key.blocks[0]))
-                and (not exact or not self.kv.holders.get(key.exact[0]))):
+                and (not exact or (pending is None and not self.kv.holders.get(key.exact[0])))):
             # Cached nowhere (most fresh prompts): a lookup or two, then plain least loaded.
             ticket.cost = cost
             key.predicted, key.predicted_exact = 0, bool(exact)
@@ -252,6 +281,10 @@ class CacheAware(RoutingPolicy):
         bt = key.block_tokens
         if exact:
             exact_depth = self.kv.match(key.exact, exact)
+            if pending is not None:                # confirmed or about to be: the longer match
+                for i, d in pending.match(key.marks, exact).items():
+                    if d > exact_depth[i]:
+                        exact_depth[i] = d
             size = self.kv_block_size
         scored = []
         for w in candidates:
@@ -280,8 +313,17 @@ class CacheAware(RoutingPolicy):
 
     def assigned(self, ticket: Ticket, index: int) -> None:
         key = ticket.route
+        if key.__class__ is not PrefixKey:
+            return
+        if key.exact and self.kv is not None:
+            key.batches_at = self.kv.batches(index)
+            pending = self._pending
+            if pending is not None and key.marks:
+                if key.claim is not None:          # a retry: give back the claim where it was
+                    pending.release(key.claim, key.marks)
+                key.claim = pending.claim(index, key.marks)
         lru = self._lru.get(index)
-        if lru is None or not isinstance(key, PrefixKey):
+        if lru is None:
             return
         holders, bit, tokens = self._holders, 1 << index, key.block_tokens
         added = 0
@@ -306,6 +348,14 @@ class CacheAware(RoutingPolicy):
                     del holders[h]
             self._used[index] = used
 
+    def finished(self, ticket: Ticket, index: int) -> None:
+        key = ticket.route
+        if key.__class__ is PrefixKey and key.claim is not None:
+            # Its blocks are stored (or it was aborted): the claim waits for the worker's next batch.
+            self._pending.finish(key.claim, key.marks, self.kv.batches(index))
+            key.claim = None
+            self._pending.drain(index, self.kv.batches(index))
+
     def worker_added(self, index: int, info: dict) -> None:
         self.worker_removed(index)                 # READY again means a fresh engine: a cold cache
         reported = info.get("kv_cache_tokens") if info else None
@@ -318,10 +368,14 @@ class CacheAware(RoutingPolicy):
             self.kv.want(index, feed)              # None: an engine without events
             if feed is not None:
                 self.kv_block_size = feed.block_size   # the engine's, should options not have named it
+                if self._pending is not None:
+                    self._pending.add_worker(index)
 
     def worker_removed(self, index: int) -> None:
         if self.kv is not None:
             self.kv.want(index, None)
+        if self._pending is not None:
+            self._pending.remove_worker(index)
         lru = self._lru.pop(index, None)
         self._used.pop(index, None)
         self._budget.pop(index, None)
@@ -354,10 +408,13 @@ class CacheAware(RoutingPolicy):
                 r[5] += 1
                 r[6] += within
         kv = self.kv
-        if kv is not None:
+        if kv is not None and key.__class__ is PrefixKey and key.batches_at is not None:
+            # New blocks were stored after it was sent, so a batch must have come since; when none
+            # was applied, it is on its way or the events stopped (the listener waits stale_s).
             feed = kv.wanted.get(index)
-            if feed is not None and prompt_tokens // feed.block_size > cached_tokens // feed.block_size:
-                kv.expect(index)
+            if (feed is not None and prompt_tokens // feed.block_size > cached_tokens // feed.block_size
+                    and kv.batches(index) == key.batches_at):
+                kv.expect(index, key.batches_at)
 
     def worker_stats(self, index: int) -> dict:
         """Per worker, for ``stats()``: reuse the engine reported, and how well it was predicted."""
@@ -366,6 +423,9 @@ class CacheAware(RoutingPolicy):
                "predicted_mirror": r[5], "predicted_mirror_within_block": r[6]}
         if self.kv is not None:
             out.update(self.kv.worker_stats(index) or {})
+            if self._pending is not None:
+                out["kv_pending_keys"] = self._pending.keys(index)
+                out["kv_pending_draining"] = self._pending.draining(index)
         return out
 
     # -- for tests and reports --------------------------------------------------------------------

@@ -28,8 +28,9 @@ started listening, an event after a lost parent), never more:
 
 **Threads.** One listener thread writes everything here except two maps the dispatcher thread
 writes: ``wanted`` (which engine, by its topic, each worker index should follow; set at READY,
-removed at death) and ``expected`` (per worker, requests that must have stored blocks; the
-listener declares a worker's events stopped when these grow and no batch follows). The
+removed at death) and ``expected`` (per worker, requests that stored blocks while no batch of
+that worker came in since they were sent; the listener declares a worker's events stopped when
+these grow and no batch follows). The
 dispatcher reads ``holders`` and ``live`` without locks: single dict operations are atomic
 under the GIL, and a read that races an update sees the state just before or just after it.
 """
@@ -64,6 +65,29 @@ def cacheable_blocks(num_prompt_tokens: int, block_size: int) -> int:
     last token (vLLM recomputes it to sample from it, so a fully cached prompt reuses one block less
     when its length is a multiple of the block size)."""
     return max(0, num_prompt_tokens - 1) // block_size
+
+
+def uncount(counts: dict, key) -> bool:
+    """One copy (or claim) of ``key`` fewer; True when that was the last (``key`` is gone from
+    ``counts``), False when others are left or it was not counted."""
+    n = counts.get(key)
+    if n is None:
+        return False
+    if n > 1:
+        counts[key] = n - 1
+        return False
+    del counts[key]
+    return True
+
+
+def drop_holder(holders: dict[int, int], key: int, keep: int) -> None:
+    """Take a worker's bit out of ``key``'s holders (``keep``: every bit but that one); the entry
+    goes with its last holder."""
+    rest = holders.get(key, 0) & keep
+    if rest:
+        holders[key] = rest
+    else:
+        holders.pop(key, None)
 
 
 def longest_matches(holders: dict[int, int], blocks, candidates) -> dict[int, int]:
@@ -141,7 +165,7 @@ class KVIndex:
         self.holders: dict[int, int] = {}      # our key -> bitmask of the workers holding it
         self.live: dict[int, str] = {}         # worker -> topic whose index is complete and current
         self.wanted: dict[int, Feed] = {}      # written by the dispatcher thread only
-        self.expected: dict[int, int] = {}     # written by the dispatcher thread only
+        self.expected: dict[int, tuple[int, int]] = {}   # dispatcher thread only: (count, batches seen)
         self._workers: dict[int, _Worker] = {}
 
     # -- the dispatcher thread ---------------------------------------------------------------------
@@ -152,9 +176,17 @@ class KVIndex:
         else:
             self.wanted[index] = feed
 
-    def expect(self, index: int) -> None:
-        """A request finished on ``index`` that stored new blocks: an event batch must have come."""
-        self.expected[index] = self.expected.get(index, 0) + 1
+    def expect(self, index: int, seen: int | None = None) -> None:
+        """A request finished on ``index`` that stored new blocks, and no batch of that worker was
+        applied since it was sent (``seen``: ``batches(index)`` then; None: now): its batch must be
+        on its way. The listener gives it ``stale_s`` to come."""
+        count = self.expected.get(index, (0, 0))[0] + 1
+        self.expected[index] = (count, self.batches(index) if seen is None else seen)
+
+    def batches(self, index: int) -> int:
+        """Batches applied for the worker's current engine (0 before the listener follows it)."""
+        w = self._workers.get(index)
+        return w.batches if w is not None else 0
 
     def usable(self, index: int, block_size: int | None = None) -> bool:
         """The worker's index is complete and current for the engine it runs now (and keyed in
@@ -257,28 +289,13 @@ class KVIndex:
     def _removed(self, w: _Worker, bit: int, hashes) -> None:
         keys, copies, holders = w.keys, w.copies, self.holders
         for h in hashes:
-            n = copies.get(h)
-            if n is None:
-                continue
-            if n > 1:
-                copies[h] = n - 1
-                continue
-            del copies[h]
-            key = keys.pop(h)
-            rest = holders.get(key, 0) & ~bit
-            if rest:
-                holders[key] = rest
-            else:
-                holders.pop(key, None)
+            if uncount(copies, h):
+                drop_holder(holders, keys.pop(h), ~bit)
 
     def _drop_all(self, index: int, w: _Worker) -> None:
         holders, keep = self.holders, ~(1 << index)
         for key in w.keys.values():
-            rest = holders.get(key, 0) & keep
-            if rest:
-                holders[key] = rest
-            else:
-                holders.pop(key, None)
+            drop_holder(holders, key, keep)
         w.keys.clear()
         w.copies.clear()
 
