@@ -11,9 +11,10 @@
 #   scripts/gpu_session.sh OUT_DIR ray      vLLM through the Ray launcher vs the local one (Ray on loopback)
 #   scripts/gpu_session.sh OUT_DIR batch    the adaptive batch limit vs bare vLLM at its defaults and at 512
 #   scripts/gpu_session.sh OUT_DIR batch-check  one pool engine: adaptive, fixed 512, off (~5 minutes)
+#   scripts/gpu_session.sh OUT_DIR kv-events  the mirror beside both KV-event versions (8B shape, < 9 minutes)
 set -uo pipefail
-out=${1:?usage: scripts/gpu_session.sh OUT_DIR core|prefix|ceiling|serve|recovery|ray|batch|batch-check}
-part=${2:?part: core, prefix, ceiling, serve, recovery, ray, batch or batch-check}
+out=${1:?usage: scripts/gpu_session.sh OUT_DIR core|prefix|ceiling|serve|recovery|ray|batch|batch-check|kv-events}
+part=${2:?part: core, prefix, ceiling, serve, recovery, ray, batch, batch-check or kv-events}
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -91,6 +92,17 @@ batch-check)
   timeout 360 python3 -m bench.batch_limit --model "$big" --requests 2048 --max-tokens 512 --no-bare \
     --pool-fixed 512 --budget-s ${MPDP_BATCH_BUDGET:-340} \
     --json "$out/batch_check.json" 2>&1 | tail -40 > "$out/batch_check.log"
+  ;;
+kv-events)
+  # Issue 25: 16 GiB of KV each, so that the tenants' working set is ~2.6x the pool's caches;
+  # least_loaded, the mirror (cache_aware), the event index with pending claims, and without them
+  # (the first version). Runs start until 440 s (the pool takes ~130 s to start); the JSON is
+  # rewritten after each run, so a cut keeps what was measured.
+  timeout 535 python3 -m bench.prefix --engine vllm --model "$big" --load-format dummy --gpus 0,0 \
+    --gpu-memory-utilization 0.45 --kv-cache-memory-bytes $((16 * gib)) \
+    --policies least_loaded,cache_aware,cache_aware:events=true,cache_aware:events=true+pending=false \
+    --workloads tenants,docqa,random --rounds 1 --stream --budget-s 440 \
+    --json "$out/prefix-kv-fixed.json" 2>&1 | tail -40 > "$out/prefix-kv-fixed.log"
   ;;
 *) echo "unknown part $part" >&2; exit 2;;
 esac

@@ -476,9 +476,9 @@ def test_pending_claims_give_way_to_confirmed_blocks_and_their_removal():
     doc = list(range(3000, 3064))
     _busy(w0, w1, 10, 20)
     first, _ = _send(policy, [w0, w1], 1, doc + [1, 1])
-    assert pend.keys(0) == 4                           # 16 blocks, kept at every 4th
+    assert pend.keys(0) == 16                          # 16 blocks claimed
     policy.finished(first, 0)                          # over; its batch may still be on its way
-    assert pend.draining(0) == 1 and pend.keys(0) == 4
+    assert pend.draining(0) == 1 and pend.keys(0) == 16
     kv.apply(0, 0, [(STORED, list(range(1, 17)), None, doc, BS)])    # the engine's event: confirmed
     w0.outstanding += 100
     follower, w = _send(policy, [w0, w1], 2, doc + [2, 2])
@@ -506,13 +506,29 @@ def test_pending_claims_follow_retries_and_die_with_their_worker():
     pend = policy._pending
     doc = list(range(4000, 4064))
     t, w = _send(policy, [w0, w1], 1, doc + [0])
-    assert pend.keys(w.index) == 4
+    assert pend.keys(w.index) == 16
     policy.assigned(t, 1 - w.index)                    # re-bound elsewhere: the claim moves
-    assert pend.keys(w.index) == 0 and pend.keys(1 - w.index) == 4
+    assert pend.keys(w.index) == 0 and pend.keys(1 - w.index) == 16
     policy.worker_removed(1 - w.index)                 # its engine is gone, and what was sent to it
     assert pend.holders == {}
     policy.finished(t, 1 - w.index)                    # a late finish of a dead claim changes nothing
     assert pend.holders == {}
+
+
+def test_a_policy_swapped_onto_a_running_index_takes_pending_claims():
+    # bench/prefix.py swaps policies on a running pool: the new one is told of the workers first,
+    # then given the index, which already follows their engines.
+    _, kv, (w0, w1) = _policy_with_index()
+    policy = CacheAware(block_tokens=8, events=True)
+    for w in (w0, w1):
+        policy.worker_added(w.index, {"kv_cache_tokens": 4000})
+    policy.use_kv_events(kv, lambda req: req.prompt_token_ids, BS)
+    doc = list(range(5000, 5064))
+    _busy(w0, w1, 10, 20)
+    _send(policy, [w0, w1], 1, doc + [1])
+    w0.outstanding += 100
+    follower, w = _send(policy, [w0, w1], 2, doc + [2])
+    assert w is w0 and follower.route.predicted == 64
 
 
 def test_pending_memory_is_bounded():

@@ -191,7 +191,7 @@ class CacheAware(RoutingPolicy):
 
     def __init__(self, block_chars: int = 512, block_tokens: int = 128, band: float = 4.0,
                  worth: float = 16.0, cache_factor: float = 1.5, default_cache_tokens: int = 262_144,
-                 events: bool = False, pending: bool = True, pending_stride: int = 4):
+                 events: bool = False, pending: bool = True, pending_stride: int = 1):
         if block_chars < 4 or block_tokens < 1 or pending_stride < 1:
             raise ValueError("block_chars must be >= 4, block_tokens and pending_stride >= 1")
         if band < 0 or worth < 0 or not cache_factor > 0 or default_cache_tokens < 1:
@@ -216,8 +216,14 @@ class CacheAware(RoutingPolicy):
         self._reports: dict[int, list[int]] = {}              # worker -> counters (see reported)
 
     def use_kv_events(self, index: KVIndex, tokenize, block_size: int) -> None:
-        """Route by ``index`` where it is live; ``tokenize(request)`` gives a prompt's token ids."""
+        """Route by ``index`` where it is live; ``tokenize(request)`` gives a prompt's token ids.
+        Workers the index already follows (a policy that replaces another on a running pool) take
+        pending claims from now on, as those announced later at READY will."""
         self.kv, self._tokenize, self.kv_block_size = index, tokenize, block_size
+        if self._pending is not None:
+            for i in list(index.wanted):
+                if not self._pending.has_worker(i):
+                    self._pending.add_worker(i)
 
     # -- the caller's thread: reads only the policy's (immutable) settings -----------------------
     def route_key(self, request) -> PrefixKey | None:
