@@ -232,6 +232,28 @@ def test_echo_generates_up_to_the_context(make_pool):
         pool.submit(text, max_tokens="ten")
 
 
+def test_serve_fills_each_endpoints_default_under_the_request(tmp_path):
+    """echo (one character a token): chat without max_tokens echoes the whole prompt, completions
+    stop at 16; a request's own max_tokens and --max-tokens still win."""
+    text = "a prompt of more than sixteen characters"
+    for flags, chat_len, completion_len in (([], len(text), 16), (["--max-tokens", "5"], 5, 5)):
+        s = ServerProcess("--engine", "echo", "--num-workers", "1", "--served-model-name", "m", *flags,
+                          tmp_path=tmp_path)
+        try:
+            client = openai.OpenAI(base_url=s.base, api_key="unused", max_retries=0, timeout=60)
+            chat = client.chat.completions.create(model="m", messages=[{"role": "user", "content": text}])
+            assert len(chat.choices[0].message.content) == chat_len
+            streamed = client.chat.completions.create(model="m", messages=[{"role": "user", "content": text}],
+                                                      stream=True)
+            assert len("".join(c.choices[0].delta.content or "" for c in streamed if c.choices)) == chat_len
+            assert len(client.completions.create(model="m", prompt=text).choices[0].text) == completion_len
+            own = client.chat.completions.create(model="m", messages=[{"role": "user", "content": text}],
+                                                 max_tokens=3)
+            assert own.choices[0].message.content == text[:3]
+        finally:
+            assert s.stop() == 0
+
+
 @pytest.mark.timeout(400)
 def test_serve_on_hf_answers_without_max_tokens_up_to_the_context(tmp_path):
     """The official client leaves max_tokens out: the answer ends at EOS or at the context (a small

@@ -353,10 +353,16 @@ def endpoint_defaults(pool) -> dict[str, dict]:
             for kind, door in ((parsing.CHAT, "serve_chat"), (parsing.COMPLETION, "serve_completions"))}
 
 
+def _calls(state: ServerState, p: parsing.Parsed) -> list[dict]:
+    """The request's pool calls, with the endpoint's defaults under what the request gives."""
+    defaults = state.defaults[p.kind]
+    return [{**defaults, **call} for call in p.pool_calls()] if defaults else p.pool_calls()
+
+
 async def _open_streams(state: ServerState, p: parsing.Parsed) -> list:
     streams = []
     try:
-        for call in p.pool_calls():
+        for call in _calls(state, p):
             streams.append(await state.pool.astream(**call, timeout=state.request_timeout))
     except BaseException:
         for s in streams:
@@ -369,7 +375,7 @@ async def _answer(request: Request, state: ServerState, p: parsing.Parsed, arriv
                   queued: float) -> Response:
     """A non-streamed request: the pool's answers, unless the client leaves first (then abort)."""
     tasks = [asyncio.ensure_future(state.pool.asubmit(**call, timeout=state.request_timeout))
-             for call in p.pool_calls()]
+             for call in _calls(state, p)]
     results = tasks[0] if len(tasks) == 1 else asyncio.gather(*tasks)
     gone = asyncio.ensure_future(_disconnected(request))
     try:
