@@ -13,7 +13,9 @@ pytest.importorskip("transformers")
 import mpdp  # noqa: E402
 from conftest import restarts  # noqa: E402
 
-pytestmark = pytest.mark.timeout(240)
+# Generous bounds, not expectations: on 2 cores beside other work (load 10) the 7001-token
+# prefill alone took over 200 s, where it takes ~20 s on a quiet machine.
+pytestmark = pytest.mark.timeout(900)
 
 PARIS = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
 
@@ -34,7 +36,11 @@ def test_a_7001_token_prompt_is_served_without_a_restart(pool):
     # (max_crashes=1: a kill would fail it with WorkerCrashed).
     before = restarts(pool)
     ids = [100 + (i * 7919) % 40000 for i in range(7001)]
-    c = pool.submit(prompt_token_ids=ids, temperature=0, max_tokens=3).result(timeout=200)
+    future = pool.submit(prompt_token_ids=ids, temperature=0, max_tokens=3)
+    try:
+        c = future.result(timeout=600)
+    finally:
+        future.cancel()      # if it timed out: abort it, or the next tests wait behind its prefill
     assert c.prompt_tokens == 7001 and c.completion_tokens >= 1
     assert restarts(pool) == before
 
@@ -42,10 +48,10 @@ def test_a_7001_token_prompt_is_served_without_a_restart(pool):
 @pytest.mark.parametrize("sampling", [{"temperature": 1e-40}, {"temperature": 1.0, "top_p": 1e-300}])
 def test_extreme_sampling_values_are_served_as_greedy(pool, sampling):
     before = restarts(pool)
-    greedy = pool.submit(messages=PARIS, temperature=0, max_tokens=8).result(timeout=60).text
+    greedy = pool.submit(messages=PARIS, temperature=0, max_tokens=8).result(timeout=300).text
     # temperature 1e-40 once overflowed the softmax to NaN; top_p 1e-300 rounds to 0 in float32 and
     # dropped every token. Both now mean "the top token" (vLLM treats temperature < 1e-5 as greedy).
-    assert pool.submit(messages=PARIS, max_tokens=8, **sampling).result(timeout=60).text == greedy
+    assert pool.submit(messages=PARIS, max_tokens=8, **sampling).result(timeout=300).text == greedy
     assert restarts(pool) == before
 
 
@@ -59,8 +65,8 @@ def test_a_chat_template_error_fails_its_request_alone(pool, kwargs):
     bad = pool.submit(messages=PARIS, temperature=0, max_tokens=4, chat_template_kwargs=kwargs)
     good = pool.submit(messages=PARIS, temperature=0, max_tokens=4)
     with pytest.raises(ValueError, match="chat template"):
-        bad.result(timeout=60)
-    assert good.result(timeout=60).text
+        bad.result(timeout=300)
+    assert good.result(timeout=300).text
     assert restarts(pool) == before
 
 
