@@ -500,8 +500,20 @@ class Dispatcher:
             f"continue: {reason}; rather than repeat its text from the start it ends here. The worker: {cause}",
             worker=slot.index, exitcode=slot.handle.exitcode if slot.handle else None))
 
+    def _overdue(self, slot: Slot, now: float) -> bool:
+        return slot.state == SlotState.READY and (
+            now - slot.last_seen > self.heartbeat_timeout
+            or (slot.call is not None and now - slot.call_since > slot.step_timeout))
+
     def _check_timers(self, now: float) -> None:
         serving = self.state in (PoolState.RUNNING, PoolState.DRAINING, PoolState.STARTING)
+        if any(self._overdue(slot, now) for slot in self.slots):
+            # Read what is waiting before judging anyone: when this thread itself could not run
+            # (a full GC of a large heap in the caller's process took 5 s at load 9 on 2 cores),
+            # the poll's events are older than `now`, and the heartbeats sent meanwhile sit
+            # unread in the socket. Silence is what the socket does not hold, not what this
+            # thread did not get to read.
+            self._drain_router(time.monotonic())
         for slot in self.slots:
             if slot.state == SlotState.READY:
                 # Liveness and progress apart (worker/beat.py): heartbeats keep coming while an
