@@ -255,6 +255,7 @@ def test_resume_repairs_a_torn_last_line(tmp_path):
     assert rows[2]["text"] == "p 2"
 
 
+@pytest.mark.timeout(900)    # three hf runs, each loading the model: minutes on a loaded 2-core machine
 def test_hf_killed_and_resumed_equals_an_uninterrupted_run(tmp_path):
     """Greedy decoding on the embedded SmolLM2: the union of a killed run and its resume is the
     uninterrupted run's output, line for line. ``--window 1`` runs one request at a time, so the
@@ -264,17 +265,17 @@ def test_hf_killed_and_resumed_equals_an_uninterrupted_run(tmp_path):
                            + "\n" for i in range(6)))
     common = ["--engine", "hf", "--num-workers", "1", "--max-tokens", "12", "--temperature", "0", "--window", "1"]
     ref = tmp_path / "ref.jsonl"
-    full = generate(tmp_path, "--input", str(src), "--output", str(ref), *common)
+    full = generate(tmp_path, "--input", str(src), "--output", str(ref), *common, timeout=400)
     assert full.returncode == 0, full.stderr
     out = tmp_path / "out.jsonl"
     proc = start(tmp_path, "--input", str(src), "--output", str(out), *common)
     try:
-        wait_until(lambda: lines_of(out) >= 1, 150, what="the first hf result")
+        wait_until(lambda: lines_of(out) >= 1, 300, what="the first hf result")
         proc.kill()
         proc.communicate(timeout=30)
     finally:
         proc.kill()
     assert lines_of(out) < 6
-    again = generate(tmp_path, "--input", str(src), "--output", str(out), "--resume", *common)
+    again = generate(tmp_path, "--input", str(src), "--output", str(out), "--resume", *common, timeout=400)
     assert again.returncode == 0, again.stderr
     assert out.read_text() == ref.read_text()
