@@ -100,7 +100,11 @@ class VLLMEngine(Engine):
         self._max_model_len = int(config.model_config.max_model_len)
         self.max_num_seqs = int(config.scheduler_config.max_num_seqs)
         cache = config.cache_config
-        self.kv_cache_tokens = (cache.num_gpu_blocks or 0) * (cache.block_size or 0)  # for logs/benchmarks
+        # The cache's size in tokens: vLLM's own group-aware figure where it has one (0.26 on; hybrid
+        # models hold several KV groups per block, so blocks x block size over-counts), else blocks.
+        sized = getattr(cache, "kv_cache_size_tokens", None)
+        self.kv_cache_tokens = int(sized) if isinstance(sized, int) and sized > 0 else \
+            (cache.num_gpu_blocks or 0) * (cache.block_size or 0)
         if self._kv_events is not None:
             self.ready_extra["kv_events"] = self._kv_events.announce(int(cache.block_size))
         # The running batch (max_num_seqs) plus room for what the dispatcher sends while results go out.
