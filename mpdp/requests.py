@@ -36,6 +36,29 @@ class Completion:
     cached_tokens: int | None = None
 
 
+# The dispatcher makes one Completion per request. A frozen dataclass's __init__ stores each
+# field through object.__setattr__ (about 0.1 µs a field); the slots' own descriptors store them
+# directly, in half the time. The same object: tests/test_protocol.py compares the two.
+_T, _FR, _PT, _CT, _W, _CH, _FRS, _LP, _CC = (Completion.__dict__[f].__set__ for f in Completion.__slots__)
+
+
+def new_completion(text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int, worker: int,
+                   choices: list[str], finish_reasons: list[str], logprobs: list[Any] | None = None,
+                   cached_tokens: int | None = None) -> Completion:
+    """``Completion(...)`` with the same arguments, faster (the dispatcher's hot path)."""
+    c = object.__new__(Completion)
+    _T(c, text)
+    _FR(c, finish_reason)
+    _PT(c, prompt_tokens)
+    _CT(c, completion_tokens)
+    _W(c, worker)
+    _CH(c, choices)
+    _FRS(c, finish_reasons)
+    _LP(c, logprobs)
+    _CC(c, cached_tokens)
+    return c
+
+
 def _check_messages(messages: Any) -> list[dict[str, Any]]:
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")

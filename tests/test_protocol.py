@@ -79,3 +79,18 @@ def test_encode_batches_leaves_no_reference_cycle():
     finally:
         if was:
             gc.enable()
+
+
+def test_new_completion_is_the_dataclass_made_faster():
+    # The dispatcher's fast constructor must stay field-for-field what Completion(...) makes.
+    import dataclasses
+
+    from mpdp.requests import Completion, new_completion
+
+    args = ("hi", "stop", 3, 2, 1, ["hi", "ho"], ["stop", "length"], [[{"t": 1}]], 7)
+    made = new_completion(*args)
+    assert type(made) is Completion and made == Completion(*args)
+    assert [f.name for f in dataclasses.fields(Completion)] == list(Completion.__slots__)
+    assert new_completion(*args[:7]) == Completion(*args[:7])       # the defaults too
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        made.text = "x"

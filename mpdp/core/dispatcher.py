@@ -52,7 +52,7 @@ from mpdp.core.resume import Delivered, why_not
 from mpdp.core.supervisor import Slot, SlotState, Supervisor, describe
 from mpdp.engines.base import Engine, EngineRequest, EngineResult
 from mpdp.gcpause import gc_paused
-from mpdp.requests import Completion
+from mpdp.requests import new_completion
 from mpdp.routing import Scheduler, Ticket
 from mpdp.wire import protocol
 from mpdp.wire.protocol import Tag
@@ -423,7 +423,7 @@ class Dispatcher:
             if res.error_type:
                 self._fail(entry, errors.error_from_wire(res.error_type, res.error or "", res.traceback))
                 continue
-            completion = Completion(
+            completion = new_completion(
                 res.texts[0] if res.texts else "", res.finish_reasons[0] if res.finish_reasons else "",
                 res.prompt_tokens, res.completion_tokens, index, res.texts, res.finish_reasons,
                 res.logprobs, res.cached_tokens)

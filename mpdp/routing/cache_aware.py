@@ -269,7 +269,8 @@ class CacheAware(RoutingPolicy):
         cost = key.cost
         if cost is None:
             cost = key.cost = ticket.cost          # the full estimate, before any discount
-        exact = self._exact_workers(key, candidates)
+        # Without the engines' events (the default) no call: this runs once per request.
+        exact = self._exact_workers(key, candidates) if self.kv is not None else ()
         pending = self._pending if exact else None
         if pending is not None:
             kv = self.kv
