@@ -63,6 +63,7 @@ log = logging.getLogger("mpdp")
 MAX_COMMANDS_PER_ROUND = 256     # commands (each up to a chunk of requests) taken per round
 MAX_FRAMES_PER_ROUND = 512       # frames read from the ROUTER per round
 STATS_EVERY_S = 0.05             # how often the stats snapshot is published
+SLOT_CHECK_S = 0.005             # how often the workers' timers are looked at (at most)
 
 
 @dataclass(slots=True)
@@ -136,6 +137,11 @@ class Dispatcher:
         self._resolved = 0                       # resolved this round, reported to admission once
         self._ever_running = False
         self._last_stats = 0.0
+        # The workers' timers (heartbeats, step budgets, pings, starts) are seconds long: looked at
+        # every SLOT_CHECK_S, not every round (a round can be one request under light load).
+        self._slot_check_s = min(SLOT_CHECK_S, heartbeat_interval / 10)
+        self._next_slot_check = 0.0
+        self._slot_check_due = False             # a round skipped the check: it is owed
         self._ctx = zmq.Context()
         self._auth = None
         try:
@@ -252,6 +258,8 @@ class Dispatcher:
         timeout = min(0.25, self.heartbeat_interval)   # heartbeats, pings and start checks
         if self._deadlines:
             timeout = min(timeout, self._deadlines[0][0] - time.monotonic())
+        if self._slot_check_due:
+            timeout = min(timeout, self._next_slot_check - time.monotonic() + 0.001)   # ms rounded down
         return max(0, int(timeout * 1000))
 
     def _drain_commands(self, now: float) -> None:
@@ -506,6 +514,15 @@ class Dispatcher:
             or (slot.call is not None and now - slot.call_since > slot.step_timeout))
 
     def _check_timers(self, now: float) -> None:
+        if now >= self._next_slot_check:
+            self._next_slot_check = now + self._slot_check_s
+            self._slot_check_due = False
+            self._check_slots(now)
+        else:
+            self._slot_check_due = True          # the next poll ends by then (_poll_timeout_ms)
+        self._expire_deadlines(now)            # a request's own timeout: every round
+
+    def _check_slots(self, now: float) -> None:
         serving = self.state in (PoolState.RUNNING, PoolState.DRAINING, PoolState.STARTING)
         if any(self._overdue(slot, now) for slot in self.slots):
             # Read what is waiting before judging anyone: when this thread itself could not run
@@ -539,7 +556,6 @@ class Dispatcher:
             elif (slot.state == SlotState.DEAD and now >= slot.restart_at and serving
                   and self.supervisor.may_start(slot)):
                 self._start(slot, now)
-        self._expire_deadlines(now)
 
     def _expire_deadlines(self, now: float) -> None:
         deadlines = self._deadlines
