@@ -97,13 +97,15 @@ def test_a_dispatcher_that_could_not_run_does_not_take_its_own_pause_for_silent_
     # The dispatcher is a thread of the caller's process: a full GC of a large heap there (5 s
     # measured at load 9 on 2 cores) or any native call that holds the GIL stops it. Heartbeats
     # sent meanwhile wait in its socket; they must count. Here the GIL is held for 4 s at a time
-    # (a C sleep through ctypes.PyDLL, which keeps it) with heartbeat_timeout=2.5.
+    # (a C sleep through ctypes.PyDLL, which keeps it) with heartbeat_timeout=3.5: each hold is
+    # longer than the timeout, and the 2.5 s between the timeout and the beat interval leave room
+    # for a beat thread that a busy machine runs late.
     hold_gil = ctypes.PyDLL(None).sleep
-    with mpdp.Pool(engine="echo", num_workers=2, heartbeat_interval=1.0, heartbeat_timeout=2.5,
+    with mpdp.Pool(engine="echo", num_workers=2, heartbeat_interval=1.0, heartbeat_timeout=3.5,
                    shutdown_timeout=5.0) as pool:
         assert pool.submit("before").result(timeout=30).text == "before"
         for _ in range(3):
-            hold_gil(4)
+            hold_gil(5)
             time.sleep(1.5)                   # the dispatcher runs rounds again
         assert [w["restarts"] for w in workers(pool)] == [0, 0]
         assert pool.submit("after").result(timeout=30).text == "after"
