@@ -19,8 +19,16 @@ Workloads (``--workloads``; sizes at ``--scale 1``):
            (480) questions, each to a tenant drawn at random with weight 1/rank^``--tenant-skew``
            (0.6): a working set of ~2x the pool's KV caches at 20 GiB a worker for a Qwen3-8B shape
            (2 x 145,632 tokens), whose hot part fits; the engines evict in an order a mirror cannot see
+  chat     multi-turn chat: ``--conversations`` (128) conversations of ``--turns`` (6) turns, each a
+           ~300-token system prompt, then user (~60-150 tokens) and pre-written assistant (~100-200)
+           turns; turn k sends the history up to user turn k, so it extends turn k-1's prompt. A
+           caller holds one conversation and sends its turns one after another, each once the
+           previous one has finished (as a user would); conversations interleave across callers, and
+           with as many conversations as callers the load is as concurrent as the others. The last
+           turns (~1,700 tokens each) outgrow one worker's cache at 20 GiB (8B shape), fit the pool's
 Every request asks for ``--max-tokens`` (8) tokens with ``ignore_eos``, so generation is cheap and
-fixed. ``--threads`` (128) callers each submit one request and wait for it (a closed loop);
+fixed. ``--threads`` (128) callers each submit one request and wait for it (a closed loop; for
+``chat`` a whole conversation, turn after turn);
 ``--stream`` streams each request, so that the time to its first text (TTFT) is measured.
 
 **Policies.** ``--policies`` takes names with options: ``cache_aware`` routes by its mirror (the
@@ -84,7 +92,9 @@ from mpdp.requests import estimate_cost
 from mpdp.routing import POLICIES, Ticket, WorkerLoad
 
 POLICY_NAMES = ("least_loaded", "prefix_affinity", "cache_aware")
-WORKLOADS = ("docqa", "gepa64", "gepa8", "random", "skew", "tenants")
+WORKLOADS = ("docqa", "gepa64", "gepa8", "random", "skew", "tenants", "chat")
+# A request's keys for this script alone (a chat's conversation and turn), never sent to the pool.
+BENCH_KEYS = ("conversation", "turn")
 
 # Common English words; nearly every one is a single token (with its leading space) in BPE vocabularies.
 WORDS = """the of and to in is was for on that with as by at from his her they this are be or had an
@@ -184,6 +194,42 @@ def tenants(text: Text, rng, count: int, context_tokens: int, n: int, skew: floa
     return [{"prompt": f"Tenant {t}:\n{contexts[t]}\n\nQuestion: {text.words(rng, 12)}?\nAnswer:"} for t in picks]
 
 
+def chat(text: Text, rng, conversations: int, turns: int, scale: float) -> list[dict]:
+    """Multi-turn chats: per conversation a system prompt, then user and (pre-written) assistant
+    turns; the request for turn k carries the history up to user turn k. Conversations in a random
+    order, each one's turns in order (``conversation`` and ``turn`` keep them so: see ``sessions``)."""
+    tokens = lambda low, high: max(4, round(rng.randint(low, high) * scale))   # noqa: E731
+    out = []
+    for c in rng.sample(range(conversations), conversations):
+        history = [{"role": "system", "content": f"Conversation {c}. {text.words(rng, max(16, round(300 * scale)))}"}]
+        for k in range(turns):
+            if k:
+                history.append({"role": "assistant", "content": text.words(rng, tokens(100, 200))})
+            history.append({"role": "user", "content": f"{text.words(rng, tokens(60, 150))}?"})
+            out.append({"messages": list(history), "conversation": c, "turn": k})
+    return out
+
+
+def sessions(requests: list[dict]) -> list[list[int]]:
+    """What one caller sends in a row, as indices into ``requests``: a conversation's turns in turn
+    order (a chat's ``conversation`` key), any other request alone; in the order of first appearance,
+    so a workload without conversations is sent in its own order."""
+    out: list[list[int]] = []
+    by_key: dict = {}
+    for i, r in enumerate(requests):
+        key = r.get("conversation")
+        if key is None:
+            out.append([i])
+        elif key in by_key:
+            by_key[key].append(i)
+        else:
+            by_key[key] = [i]
+            out.append(by_key[key])
+    for job in by_key.values():
+        job.sort(key=lambda i: requests[i].get("turn", 0))
+    return out
+
+
 def build(workload: str, text: Text, seed: int, scale: float, args) -> list[dict]:
     rng = random.Random(seed)
     s = lambda x, low=1: max(low, round(x * scale))   # noqa: E731
@@ -200,6 +246,8 @@ def build(workload: str, text: Text, seed: int, scale: float, args) -> list[dict
     if workload == "tenants":
         return tenants(text, rng, s(args.tenants, 2), s(args.tenant_tokens, 64), s(args.tenant_requests, 4),
                        args.tenant_skew)
+    if workload == "chat":
+        return chat(text, rng, s(args.conversations, 2), args.turns, scale)
     raise ValueError(f"unknown workload {workload!r}; known: {', '.join(WORKLOADS)}")
 
 
@@ -306,8 +354,10 @@ def busy_seconds(intervals: list[tuple[float, float]]) -> float:
 
 
 def run_once(pool, requests: list[dict], threads: int, max_tokens: int, stream: bool = False) -> dict:
-    """``threads`` callers, each submitting one request and waiting for it, until all are done."""
-    it = iter(range(len(requests)))
+    """``threads`` callers, each submitting one request and waiting for it, until all are done; a
+    chat's turns by one caller, one after another (``sessions``)."""
+    bodies = [{k: v for k, v in r.items() if k not in BENCH_KEYS} for r in requests]
+    it = iter(sessions(requests))
     lock = threading.Lock()
     records: list[tuple[float, float, int, int]] = []
     extra: list[tuple[float, int | None]] = []        # (TTFT or None, cached tokens) per request
@@ -320,25 +370,26 @@ def run_once(pool, requests: list[dict], threads: int, max_tokens: int, stream: 
         mine, mine_extra = [], []
         while True:
             with lock:
-                i = next(it, None)
-            if i is None:
+                job = next(it, None)
+            if job is None:
                 break
-            t0 = time.perf_counter()
-            first = None
-            try:
-                if stream:
-                    s = pool.stream(**requests[i], **params)
-                    for _ in s:
-                        if first is None:
-                            first = time.perf_counter() - t0
-                    c = s.result()
-                else:
-                    c = pool.submit(**requests[i], **params).result()
-            except Exception as exc:  # noqa: BLE001  (counted and reported, the run goes on)
-                errors.append(f"{type(exc).__name__}: {exc}"[:200])
-                continue
-            mine.append((t0, time.perf_counter(), c.worker, c.prompt_tokens))
-            mine_extra.append((first, getattr(c, "cached_tokens", None)))
+            for i in job:
+                t0 = time.perf_counter()
+                first = None
+                try:
+                    if stream:
+                        s = pool.stream(**bodies[i], **params)
+                        for _ in s:
+                            if first is None:
+                                first = time.perf_counter() - t0
+                        c = s.result()
+                    else:
+                        c = pool.submit(**bodies[i], **params).result()
+                except Exception as exc:  # noqa: BLE001  (counted and reported, the run goes on)
+                    errors.append(f"{type(exc).__name__}: {exc}"[:200])
+                    continue
+                mine.append((t0, time.perf_counter(), c.worker, c.prompt_tokens))
+                mine_extra.append((first, getattr(c, "cached_tokens", None)))
         with lock:
             records.extend(mine)
             extra.extend(mine_extra)
@@ -593,6 +644,8 @@ def add_workload_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--tenant-tokens", type=int, default=6000)
     ap.add_argument("--tenant-requests", type=int, default=480)
     ap.add_argument("--tenant-skew", type=float, default=0.6, help="tenant weights 1/rank^skew (0: uniform)")
+    ap.add_argument("--conversations", type=int, default=128, help="chat: conversations (one caller each at a time)")
+    ap.add_argument("--turns", type=int, default=6, help="chat: turns per conversation")
     ap.add_argument("--scale", type=float, default=1.0, help="shrink document counts and lengths (smoke tests)")
 
 

@@ -34,8 +34,9 @@ import heapq
 import itertools
 import statistics
 import sys
+from collections import deque
 
-from bench.prefix import WORKLOADS, Text, add_workload_arguments, build, parse_settings, write
+from bench.prefix import WORKLOADS, Text, add_workload_arguments, build, parse_settings, sessions, write
 from bench.prefix_sim_engine import Engine, EngineModel, prompt_tokens, token_ids
 from mpdp.engines.base import EngineRequest
 from mpdp.requests import estimate_cost
@@ -98,7 +99,8 @@ class Sim:
         self.requests = requests
         self.max_tokens = max_tokens
         self.threads = threads
-        self._next = iter(range(len(requests)))
+        self._next = iter(sessions(requests))        # a chat's turns go to one caller, in order
+        self._rest: dict[int, deque] = {}           # request -> what its caller sends after it
         self._gpu: dict[int, float] = {}            # engine index -> GPU work left in its step
         self.done = self.submitted = 0
         self.held = [0] * workers                   # requests each worker holds (dispatcher's view)
@@ -142,10 +144,15 @@ class Sim:
         return self.report()
 
     # -- the pool side: mpdp's scheduler and policy ----------------------------------------------
-    def submit(self) -> None:
-        i = next(self._next, None)
-        if i is None:
-            return
+    def submit(self, rest: deque | None = None) -> None:
+        """A caller sends its next request: the rest of its conversation, else a new session."""
+        if not rest:
+            job = next(self._next, None)
+            if job is None:
+                return
+            rest = deque(job)
+        i = rest.popleft()
+        self._rest[i] = rest
         self.submitted += 1
         self._sent[i] = self.now
         body = self.requests[i]
@@ -166,7 +173,7 @@ class Sim:
             self._hold(engine.index, -1)
             self.done += 1
             self.latency.append(self.now - self._sent[r.id])
-            self.submit()
+            self.submit(self._rest.pop(r.id))
         self.at(self.now + self.model.hop_s, back)
 
     def first_token(self, rid: int) -> None:

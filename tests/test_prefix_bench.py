@@ -4,10 +4,15 @@ asserted; the micro-benchmark's shape is."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
+import threading
+import time
+
+from bench.prefix import WORKLOADS, Text, add_workload_arguments, build, run_once
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POLICIES = {"least_loaded", "prefix_affinity", "cache_aware"}
@@ -35,7 +40,7 @@ def test_echo_compares_the_mirror_and_the_event_index_with_ttft(tmp_path, no_chi
 def test_echo_smoke_run_covers_every_workload_and_policy(tmp_path, no_child_left):
     result = run("--engine", "echo", "--scale", "0.03", "--rounds", "2", "--threads", "8", "--settle-s", "0",
                  out=tmp_path / "prefix.json")
-    assert set(result["summary"]) == {"docqa", "gepa64", "gepa8", "random", "skew", "tenants"}
+    assert set(result["summary"]) == {"docqa", "gepa64", "gepa8", "random", "skew", "tenants", "chat"}
     for workload, by_policy in result["summary"].items():
         assert set(by_policy) == POLICIES, workload
         assert by_policy["least_loaded"]["ratio_to_least_loaded"] == 1.0
@@ -55,3 +60,61 @@ def test_micro_reports_each_policy_against_least_loaded(tmp_path):
     events = result["kv_events"]                                  # routing by the engines' KV events
     assert events["per_event"]["stored_apply_us"] > 0 and events["per_event"]["removed_apply_us"] > 0
     assert events["per_request"]["dispatcher_us_per_request_with_events"] > 0
+
+
+def workload_args(**over) -> argparse.Namespace:
+    ap = argparse.ArgumentParser()
+    add_workload_arguments(ap)
+    return argparse.Namespace(**{**vars(ap.parse_args([])), **over})
+
+
+class Recording:
+    """A pool's submit and stream, recording what each call was given and when it began and ended."""
+
+    def __init__(self, pool):
+        self.pool, self.engine = pool, pool.engine
+        self.calls: list[tuple[float, float, dict]] = []
+        self.lock = threading.Lock()
+
+    def _record(self, t0, body):
+        with self.lock:
+            self.calls.append((t0, time.monotonic(), body))
+
+    def submit(self, **body):
+        t0 = time.monotonic()
+        c = self.pool.submit(**body).result()     # raises on a key the pool does not know
+        self._record(t0, body)
+        done = type("Done", (), {"result": lambda self: c})
+        return done()
+
+
+def test_other_workloads_are_unchanged_by_chat():
+    # the requests a seed builds for the workloads before chat: no bench-only keys, flat order
+    text = Text(None, "echo")
+    args = workload_args()
+    for workload in WORKLOADS:
+        if workload != "chat":
+            assert all(set(r) <= {"prompt", "messages"} for r in build(workload, text, 3, 0.03, args))
+
+
+def test_chat_sends_each_conversations_turns_in_order_each_after_the_last_finished(make_pool):
+    text = Text(None, "echo")
+    requests = build("chat", text, 7, 0.05, workload_args(conversations=240, turns=5))   # 12 at scale 0.05
+    assert len(requests) == 12 * 5
+    pool = Recording(make_pool(engine_options={"delay_s": 0.02}))
+    # fewer callers than conversations: a caller finishes one conversation and takes another
+    row = run_once(pool, requests, threads=4, max_tokens=4)
+    assert row["requests"] == 60 and row["errors"] == 0
+    by_conversation: dict[str, list] = {}
+    for t0, t1, body in pool.calls:
+        assert set(body) == {"messages", "max_tokens", "temperature"}        # bench keys stripped
+        by_conversation.setdefault(body["messages"][0]["content"], []).append((t0, t1, body["messages"]))
+    assert len(by_conversation) == 12
+    for turns in by_conversation.values():
+        turns.sort()
+        assert len(turns) == 5
+        for (_, end, before), (start, _, after) in zip(turns, turns[1:]):
+            assert start >= end                              # started once the previous turn finished
+            assert after[:len(before)] == before             # the history so far, extended
+            assert [m["role"] for m in after[len(before):]] == ["assistant", "user"]
+        assert [m["role"] for m in turns[0][2]] == ["system", "user"]

@@ -31,3 +31,11 @@ def test_skew_leaves_no_worker_idle_while_the_other_queues():
     r = run_one("skew", "cache_aware", ARGS, MODEL)
     assert r["starved_s"] == 0
     assert all(w["requests"] > 0 for w in r["workers"].values())
+
+
+def test_chat_serves_every_turn_and_cache_aware_keeps_conversations_cached():
+    args = argparse.Namespace(**{**vars(ARGS), "conversations": 128, "turns": 6})   # 32 at scale 0.25
+    ll = run_one("chat", "least_loaded", args, MODEL)
+    ca = run_one("chat", "cache_aware", args, MODEL)
+    assert ll["requests"] == ca["requests"] == 32 * 6
+    assert ca["cached_share"] > ll["cached_share"]
