@@ -173,7 +173,10 @@ class Bench:
         opts = a.engine_options
         fixed = [str(n) for n in a.pool_fixed]
         # Without bare runs the fixed limits are the yardstick: measured before the old credit.
-        pool_modes = ["adaptive"] + fixed + ["off"] if a.no_bare else ["adaptive", "off"] + fixed
+        if a.pool_modes is not None:                     # as given (none: no pool engine at all)
+            pool_modes = a.pool_modes + fixed
+        else:
+            pool_modes = ["adaptive"] + fixed + ["off"] if a.no_bare else ["adaptive", "off"] + fixed
 
         def pool():
             h = self.host("pool", "bench.batch_limit:LimitPoolRunner", opts, {"batch_limit": "adaptive"})
@@ -199,9 +202,12 @@ class Bench:
             f"budget {a.budget_s:.0f}s")
         # What decides first: bare at its defaults, bare at the first sweep value, mpdp; then the rest.
         first, rest = ([], []) if a.no_bare else ([None] + a.bare_sweep[:1], a.bare_sweep[1:])
+        if a.no_bare_default and first:
+            first = first[1:]
         for n in first:
             self.wave([f"bare:{n or 'default'}"], lambda n=n: bare(n))
-        self.wave(["mpdp"], pool)
+        if pool_modes:
+            self.wave(["mpdp"], pool)
         for n in rest:
             self.wave([f"bare:{n}"], lambda n=n: bare(n))
         self.data["meta"]["elapsed_s"] = round(time.monotonic() - self.t0, 1)
@@ -241,6 +247,10 @@ def parse_args(argv=None):
                    "after its defaults (e.g. 512,768,256)")
     p.add_argument("--no-bare", action="store_true", help="no bare LLM.generate runs: one pool engine only "
                    "(adaptive, then --pool-fixed, then off)")
+    p.add_argument("--pool-modes", default=None, help="comma list of pool settings measured in this order "
+                   "(default adaptive,off; 'none': no pool engine), then --pool-fixed")
+    p.add_argument("--no-bare-default", action="store_true", help="skip bare LLM.generate at its defaults "
+                   "(a sweep continued in a second call)")
     p.add_argument("--pool-fixed", default="", help="comma list of fixed batch limits measured on the pool's engine")
     p.add_argument("--engine-options", default="{}", help="JSON of extra vllm.EngineArgs for every engine")
     p.add_argument("--seed", type=int, default=0)
@@ -249,6 +259,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.bare_sweep = [int(x) for x in args.bare_sweep.split(",") if x]
     args.pool_fixed = [int(x) for x in args.pool_fixed.split(",") if x]
+    if args.pool_modes is not None:
+        args.pool_modes = [m for m in args.pool_modes.split(",") if m and m != "none"]
     args.engine_options = {"load_format": "dummy", **json.loads(args.engine_options)}
     args.vocab_size = int(json.loads((Path(args.model) / "config.json").read_text())["vocab_size"])
     return args

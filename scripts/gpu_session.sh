@@ -12,6 +12,10 @@
 #   scripts/gpu_session.sh OUT_DIR batch    the adaptive batch limit vs bare vLLM at its defaults and at 512
 #   scripts/gpu_session.sh OUT_DIR batch-check  one pool engine: adaptive, fixed 512, off (~5 minutes)
 #   scripts/gpu_session.sh OUT_DIR kv-events  the mirror beside both KV-event versions (8B shape, < 9 minutes)
+#   scripts/gpu_session.sh OUT_DIR sweep    bare at its defaults and at 512, mpdp adaptive and fixed 512 (< 10 min)
+#   scripts/gpu_session.sh OUT_DIR loads    the batch limit vs the old credit on light, DSPy, prefill, mixed and
+#                                           served loads; then bare at 256 (and 768) if time is left (< 10 min)
+#   scripts/gpu_session.sh OUT_DIR kv-events2  the mirror beside the event index on six loads, chat included (< 8 min)
 set -uo pipefail
 out=${1:?usage: scripts/gpu_session.sh OUT_DIR core|prefix|ceiling|serve|recovery|ray|batch|batch-check|kv-events}
 part=${2:?part: core, prefix, ceiling, serve, recovery, ray, batch, batch-check or kv-events}
@@ -103,6 +107,30 @@ kv-events)
     --policies least_loaded,cache_aware,cache_aware:events=true,cache_aware:events=true+pending=false \
     --workloads tenants,docqa,random --rounds 1 --stream --budget-s 440 \
     --json "$out/prefix-kv-fixed.json" 2>&1 | tail -40 > "$out/prefix-kv-fixed.log"
+  ;;
+sweep)
+  # Issue 26 in one run: bare at its defaults and at 512, then one pool engine: adaptive, fixed 512.
+  timeout 590 python3 -m bench.batch_limit --model "$big" --requests 2048 --max-tokens 512 --bare-sweep 512 \
+    --pool-modes adaptive --pool-fixed 512 --budget-s ${MPDP_BATCH_BUDGET:-560} \
+    --json "$out/batch_sweep.json" 2>&1 | tail -40 > "$out/batch_sweep.log"
+  ;;
+loads)
+  # Issue 26: where the controller has nothing to win it must not cost (one engine, both settings);
+  # then the rest of the bare sweep in what is left of the call.
+  timeout 360 python3 -m bench.batch_loads --model "$big" --budget-s ${MPDP_LOADS_BUDGET:-330} \
+    --json "$out/batch_loads.json" > "$out/batch_loads.log" 2>&1
+  left=$((585 - SECONDS))
+  [ $left -gt 150 ] && timeout $left python3 -m bench.batch_limit --model "$big" --requests 2048 --max-tokens 512 \
+    --no-bare-default --bare-sweep 256,768 --pool-modes none --budget-s $((left - 15)) \
+    --json "$out/batch_sweep2.json" 2>&1 | tail -40 > "$out/batch_sweep2.log"
+  ;;
+kv-events2)
+  # Issue 25: the mirror beside the event index (pending claims) on six loads, tenants first.
+  timeout ${MPDP_KV_TIMEOUT:-450} python3 -m bench.prefix --engine vllm --model "$big" --load-format dummy --gpus 0,0 \
+    --gpu-memory-utilization 0.45 --kv-cache-memory-bytes $((16 * gib)) \
+    --policies cache_aware,cache_aware:events=true --workloads tenants,chat,docqa,gepa8,gepa64,random \
+    --rounds 1 --stream --budget-s ${MPDP_KV_BUDGET:-380} \
+    --json "$out/prefix-kv2.json" 2>&1 | tail -40 > "$out/prefix-kv2.log"
   ;;
 *) echo "unknown part $part" >&2; exit 2;;
 esac
