@@ -353,9 +353,11 @@ class PoolConfig:
                                                  "--num-gpus)", "I,J,...", _gpu_list))
     # cache_aware: measured never worse than least_loaded (bench/RESULTS.md)
     routing: str = _setting("cache_aware", Flag("how requests are placed on workers", choices=_policies))
-    # the policy's keywords; events=true makes cache_aware route by vLLM's KV-cache events (opt-in)
+    # the policy's keywords; events=true makes cache_aware route by vLLM's KV-cache events (opt-in),
+    # sticky (with events; default true) keeps each prefix going where the pool sent it
     routing_options: dict = _setting(flag=Flag("routing policy option, e.g. events=true (cache_aware: "
-                                                "route by vLLM's KV-cache events; repeatable)", "KEY=JSON",
+                                                "route by vLLM's KV-cache events; sticky=false: by them "
+                                                "alone; repeatable)", "KEY=JSON",
                                                 pairs=True, json=True, name="--routing-option"),
                                      factory=dict)
     max_batch: int = _setting(512, Flag("requests per micro-batch frame", "N", positive_int))

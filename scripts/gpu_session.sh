@@ -15,7 +15,7 @@
 #   scripts/gpu_session.sh OUT_DIR sweep    bare at its defaults and at 512, mpdp adaptive and fixed 512 (< 10 min)
 #   scripts/gpu_session.sh OUT_DIR loads    the batch limit vs the old credit on light, DSPy, prefill, mixed and
 #                                           served loads; then bare at 256 (and 768) if time is left (< 10 min)
-#   scripts/gpu_session.sh OUT_DIR kv-events2  the mirror beside the event index on six loads, chat included (< 8 min)
+#   scripts/gpu_session.sh OUT_DIR kv-events2  the mirror beside the event index, sticky and not, on six loads (< 8 min)
 set -uo pipefail
 out=${1:?usage: scripts/gpu_session.sh OUT_DIR core|prefix|ceiling|serve|recovery|ray|batch|batch-check|kv-events}
 part=${2:?part: core, prefix, ceiling, serve, recovery, ray, batch, batch-check or kv-events}
@@ -125,10 +125,12 @@ loads)
     --json "$out/batch_sweep2.json" 2>&1 | tail -40 > "$out/batch_sweep2.log"
   ;;
 kv-events2)
-  # Issue 25: the mirror beside the event index (pending claims) on six loads, tenants first.
+  # Issue 25: the mirror beside the event index, sticky (the default with events: the mirror's
+  # affinity, the exact charge) and not (the exact index alone), on six loads, tenants first.
   timeout ${MPDP_KV_TIMEOUT:-450} python3 -m bench.prefix --engine vllm --model "$big" --load-format dummy --gpus 0,0 \
     --gpu-memory-utilization 0.45 --kv-cache-memory-bytes $((16 * gib)) \
-    --policies cache_aware,cache_aware:events=true --workloads tenants,chat,docqa,gepa8,gepa64,random \
+    --policies cache_aware,cache_aware:events=true,cache_aware:events=true+sticky=false \
+    --workloads tenants,chat,docqa,gepa8,gepa64,random \
     --rounds 1 --stream --budget-s ${MPDP_KV_BUDGET:-380} \
     --json "$out/prefix-kv2.json" 2>&1 | tail -40 > "$out/prefix-kv2.log"
   ;;

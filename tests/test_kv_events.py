@@ -394,9 +394,14 @@ def test_choose_follows_the_exact_index_and_falls_back_to_the_mirror():
     kv.apply(1, 1, [(CLEARED,)])
     t3 = _ticket(policy, 3, doc + [8, 8])
     assert policy.choose(t3, [w0, w1]) is w1 and not t3.route.predicted_exact and t3.route.predicted == 40
-    kv.set_live(1, True)                               # resumed: the exact index (empty now) decides
+    kv.set_live(1, True)                               # resumed: the exact index (empty now) predicts
     t4 = _ticket(policy, 4, doc + [9, 9])
-    assert policy.choose(t4, [w0, w1]) is w0 and t4.route.predicted_exact and t4.route.predicted == 0
+    # sticky (the default): worker 1 is still the prefix's home, at the charge of a miss
+    assert policy.choose(t4, [w0, w1]) is w1 and t4.route.predicted_exact and t4.route.predicted == 0
+    assert t4.cost == t4.route.cost
+    policy.sticky = False                              # the exact index alone: by load
+    t5 = _ticket(policy, 5, doc + [9, 9])
+    assert policy.choose(t5, [w0, w1]) is w0 and t5.route.predicted_exact and t5.route.predicted == 0
 
 
 def _placed(policy, ids, i):
@@ -455,8 +460,9 @@ def _send(policy, workers, i, ids):
 
 def test_a_follower_of_an_unconfirmed_prefix_goes_to_the_same_worker():
     doc = list(range(2000, 2064))                      # 16 blocks of 4
-    for pending in (True, False):
+    for pending, sticky in ((True, True), (True, False), (False, False), (False, True)):
         policy, kv, (w0, w1) = _policy_with_index(pending=pending)
+        policy.sticky = sticky
         _busy(w0, w1, 10, 20)
         first, w = _send(policy, [w0, w1], 1, doc + [1, 1])
         assert w is w0 and first.route.predicted == 0  # cached nowhere: the least loaded
@@ -466,8 +472,10 @@ def test_a_follower_of_an_unconfirmed_prefix_goes_to_the_same_worker():
         if pending:
             assert w is w0 and follower.route.predicted == 64 and follower.route.predicted_exact
             assert follower.cost == follower.route.cost - 64      # charged only its uncached part
-        else:                                          # the first version: by load, a second copy
+        elif not sticky:                               # the first version: by load, a second copy
             assert w is w1 and follower.route.predicted == 0
+        else:                                          # the mirror keeps it home, charged in full
+            assert w is w0 and follower.route.predicted == 0 and follower.cost == follower.route.cost
 
 
 def test_pending_claims_give_way_to_confirmed_blocks_and_their_removal():
@@ -498,7 +506,71 @@ def test_pending_claims_give_way_to_confirmed_blocks_and_their_removal():
     policy.finished(fourth, 0)
     kv.apply(0, 3, [])                                 # a later batch: the claims go
     fifth, w = _send(policy, [w0, w1], 5, doc + [5, 5])
-    assert w is w1 and fifth.route.predicted == 0      # cached nowhere: by load
+    assert w is w0 and fifth.route.predicted == 0      # cached nowhere: sticky, it goes home all the same
+    policy.finished(fifth, 0)
+    kv.apply(0, 4, [])                                 # (it stored nothing: the engine had evicted it again)
+    policy.sticky = False
+    sixth, w = _send(policy, [w0, w1], 6, doc + [6, 6])
+    assert w is w1 and sixth.route.predicted == 0      # not sticky: by load
+
+
+def _evicted_from_home(sticky):
+    """A prefix sent to worker 0 (its home), stored there, then evicted by its engine; both workers
+    busy, worker 0 the busier by a little: where does its next request go, at what charge?"""
+    policy, kv, (w0, w1) = _policy_with_index()
+    policy.sticky = sticky
+    doc = list(range(6000, 6064))                      # 16 blocks of 4 (and 8 mirror blocks of 8)
+    _busy(w0, w1, 10, 20)
+    first, w = _send(policy, [w0, w1], 1, doc + [1, 1])
+    assert w is w0
+    kv.apply(0, 0, [(STORED, list(range(1, 17)), None, doc, BS)])    # the engine stored it
+    del w0.in_flight[first.id]
+    w0.outstanding -= first.cost
+    policy.finished(first, 0)
+    kv.apply(0, 1, [(REMOVED, list(range(1, 17)))])    # then evicted all of it
+    pend = policy._pending
+    pend.drain(0, kv.batches(0))
+    assert kv.holders == {} and pend.holders == {}     # cached nowhere, pending nowhere
+    assert policy.matches(first.route, [w0, w1]) == {0: 8, 1: 0}     # the mirror still says home
+    w0.outstanding += 40                               # worker 0 now 50 tokens behind worker 1
+    t = _ticket(policy, 2, doc + [2, 2])
+    return policy.choose(t, [w0, w1]), t, (w0, w1)
+
+
+def test_sticky_sends_an_evicted_prefix_home_at_its_exact_charge():
+    w, t, (w0, w1) = _evicted_from_home(sticky=True)
+    # home, within the load window its affinity (the mirror's 64 tokens) buys: 16 x 64 >> 50
+    assert w is w0
+    # charged its whole cost and predicted a miss: the engine has none of it
+    assert t.cost == t.route.cost == 1 + 66 + 8
+    assert t.route.predicted == 0 and t.route.predicted_exact
+    assert CacheAware(events=True).sticky and make_policy_options({"events": True, "sticky": False}).sticky is False
+
+
+def test_without_sticky_an_evicted_prefix_goes_by_load():
+    w, t, (w0, w1) = _evicted_from_home(sticky=False)
+    assert w is w1                                     # the exact index says nowhere: least loaded
+    assert t.cost == t.route.cost == 1 + 66 + 8
+    assert t.route.predicted == 0 and t.route.predicted_exact
+
+
+def test_sticky_affinity_gives_way_to_load_beyond_its_window():
+    policy, kv, (w0, w1) = _policy_with_index()
+    doc = list(range(7000, 7064))
+    _busy(w0, w1, 10, 20)
+    first, _ = _send(policy, [w0, w1], 1, doc + [1])
+    policy.finished(first, 0)
+    kv.apply(0, 0, [])                                 # a batch: the claim goes; nothing was stored
+    policy._pending.drain(0, kv.batches(0))
+    w0.outstanding += 10_000                           # far beyond 16 x 64 tokens of affinity
+    t = _ticket(policy, 2, doc + [2])
+    assert policy.choose(t, [w0, w1]) is w1 and t.route.predicted == 0
+
+
+def make_policy_options(options):
+    from mpdp.routing import make_policy
+
+    return make_policy("cache_aware", options)
 
 
 def test_pending_claims_follow_retries_and_die_with_their_worker():

@@ -94,7 +94,16 @@ one H100 with an 8B-shaped model that routed document QA at half the mirror's ra
 events stopped, and engines without events, are matched by the mirror, with the same load rule.
 The exact token count also replaces the 4-characters estimate in the ticket's cost. The mirror is
 kept for every worker all the same, so that a worker whose events stop falls back to a warm one.
-``reported`` compares, per worker, the cached tokens the policy predicted with those the engine
+**Sticky** (``sticky=True``, the default with events): ``saved(w)``, the load charge and the
+prediction, is the exact (or pending) match, but the *affinity* that picks among the workers within
+the allowance (the ``worth * saved`` cap and the longest-match rank) is the longer of that and the
+mirror's match. Once a prefix's blocks are evicted from every engine the index says "cached
+nowhere", and without this its next request went by load to either worker: on one H100, on
+many tenants revisited at random (working set ~2.6x the pool's KV), tenants ended up cached on both
+workers, the pool's caches held fewer of them, and the index routed at 0.93x the mirror's rate.
+The mirror remembers where each prefix was sent (its home) and keeps the tenants partitioned;
+sticky keeps that, while the load rule and the predictions stay exact. ``sticky=False`` is the
+exact index alone. ``reported`` compares, per worker, the cached tokens the policy predicted with those the engine
 reported (``stats()``). Until a GPU run shows the event index ahead of the mirror, the mirror is
 the default (``bench/RESULTS.md``).
 """
@@ -186,12 +195,14 @@ class CacheAware(RoutingPolicy):
     ``events``: route by the engines' KV events where the pool has them (vLLM; off by default, see
     the module doc). ``pending``: with events, count the prefixes sent to a worker and not yet over
     as cached there (``kv_pending.py``); ``pending_stride``: the claims' granularity, in engine blocks.
+    ``sticky``: with events, the affinity among workers is the longer of the exact and the mirror's
+    match, the charge the exact one (module doc); ``False`` routes by the exact index alone.
     The defaults were tuned on ``bench/prefix_sim.py`` (a simulation of the measured runs).
     """
 
     def __init__(self, block_chars: int = 512, block_tokens: int = 128, band: float = 4.0,
                  worth: float = 16.0, cache_factor: float = 1.5, default_cache_tokens: int = 262_144,
-                 events: bool = False, pending: bool = True, pending_stride: int = 1):
+                 events: bool = False, pending: bool = True, pending_stride: int = 1, sticky: bool = True):
         if block_chars < 4 or block_tokens < 1 or pending_stride < 1:
             raise ValueError("block_chars must be >= 4, block_tokens and pending_stride >= 1")
         if band < 0 or worth < 0 or not cache_factor > 0 or default_cache_tokens < 1:
@@ -212,6 +223,7 @@ class CacheAware(RoutingPolicy):
         self.kv_block_size = 16
         self._tokenize = None
         self.pending_stride = pending_stride
+        self.sticky = sticky
         self._pending: PendingBlocks | None = PendingBlocks(pending_stride) if pending else None
         self._reports: dict[int, list[int]] = {}              # worker -> counters (see reported)
 
@@ -293,24 +305,28 @@ class CacheAware(RoutingPolicy):
                     if d > exact_depth[i]:
                         exact_depth[i] = d
             size = self.kv_block_size
+        sticky = self.sticky
         scored = []
         for w in candidates:
-            if exact and w.index in exact_depth:
-                saved = exact_depth[w.index] * size
-            else:
-                saved = depth[w.index] * bt
             # saved can exceed the prompt estimate slightly (chat role markers): keep a cost >= 1.
-            saved = min(saved, cost - 1)
-            scored.append((w.outstanding + cost - saved, saved, w))
+            if exact and w.index in exact_depth:
+                saved = min(exact_depth[w.index] * size, cost - 1)
+                # near: the affinity. Sticky, it also counts where the prefix was sent (the mirror),
+                # so a prefix evicted everywhere still goes home; saved, the charge, stays exact.
+                near = depth[w.index] * bt if sticky else 0
+                near = min(near, cost - 1) if near > saved else saved
+            else:
+                saved = near = min(depth[w.index] * bt, cost - 1)
+            scored.append((w.outstanding + cost - saved, saved, near, w))
         least = min(scored, key=_first)[0]
         band, worth = self.band * least, self.worth
         if any(not w.in_flight for w in candidates):
             band = 0                               # an idle worker takes the request: nobody idles
         best = best_rank = None
-        for score, saved, w in scored:
-            if score > least + min(band, worth * saved):
+        for score, saved, near, w in scored:
+            if score > least + min(band, worth * near):
                 continue
-            rank = (-saved, score, len(w.in_flight), w.index)
+            rank = (-near, score, len(w.in_flight), w.index)
             if best_rank is None or rank < best_rank:
                 best, best_rank = (saved, w), rank
         saved, w = best
