@@ -248,6 +248,50 @@ def test_first_start_fails_at_once_when_no_node_fits(cluster, monkeypatch):
     assert time.monotonic() - t0 < 10
 
 
+def _losing_actor_class(marker: str, losses: int):
+    """Workers' actors whose first ``losses`` starts (counted as files in ``marker``) end the actor's
+    process before it starts a worker, as a busy node's raylet killing a fresh worker would."""
+    from mpdp.launch.ray import _WorkerActor
+
+    class Losing(_WorkerActor):
+        def start(self, spec_json):
+            if len(os.listdir(marker)) < losses:
+                open(os.path.join(marker, f"lost-{os.getpid()}"), "w").close()
+                os._exit(1)
+            return super().start(spec_json)
+
+    return ray.remote(max_concurrency=4, max_restarts=0, max_task_retries=0)(Losing)
+
+
+def test_an_actor_lost_before_its_worker_started_is_placed_again(cluster, monkeypatch, tmp_path, caplog):
+    import mpdp.launch.ray as launch_ray
+
+    monkeypatch.setattr(launch_ray, "_actor_class", _losing_actor_class(str(tmp_path), 1))
+    pool = ray_pool(num_workers=1)
+    token = pool._dispatcher.supervisor.token
+    try:
+        assert len(os.listdir(tmp_path)) == 1                      # the first actor was lost
+        assert "lost before it started the worker" in caplog.text
+        assert [c.text for c in pool.generate(["a", "b", "c"], max_tokens=8)] == ["a", "b", "c"]
+        assert pool.stats()["workers"][0]["restarts"] == 0         # a placement, not a crash
+    finally:
+        pool.close()
+    assert_nothing_left(token)
+
+
+def test_an_actor_lost_twice_before_starting_fails_the_first_start(cluster, monkeypatch, tmp_path):
+    import mpdp.launch.ray as launch_ray
+
+    monkeypatch.setattr(launch_ray, "_actor_class", _losing_actor_class(str(tmp_path), 2))
+    with pytest.raises(mpdp.errors.WorkerStartError, match="Ray actor died"):
+        ray_pool(num_workers=1)
+    assert len(os.listdir(tmp_path)) == 2                          # placed twice, no more
+    wait_until(lambda: not [a for a in list_actors(limit=1000) if (a.name or "").startswith("mpdp-")
+                            and a.state != "DEAD"]
+               and not [g for g in list_placement_groups(limit=1000) if (g.name or "").startswith("mpdp-")
+                        and g.state != "REMOVED"], 15, interval=0.2, what="no actor and no group left")
+
+
 def test_a_bad_bundle_fails_the_pool_call(monkeypatch):
     monkeypatch.setenv("MPDP_RAY_RESOURCES", "[1]")
     with pytest.raises(ValueError, match="MPDP_RAY_RESOURCES"):

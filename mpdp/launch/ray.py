@@ -53,8 +53,11 @@ from mpdp.worker.spec import WorkerSpec
 RESOURCES_ENV = "MPDP_RAY_RESOURCES"     # JSON: the resources of one worker's bundle
 CONNECT_TIMEOUT_S = 10.0   # a given ray_address must accept a TCP connection within this (see _connect)
 KILL_GRACE_S = 3.0      # after kill(): how long the actor may take to end its worker before ray.kill
+START_ATTEMPTS = 2      # an actor lost before it started its worker is placed once more (see _start)
 WATCH_POLL_S = 0.5      # how often a watcher looks for a kill request (a death wakes it at once)
 _LOG_TAIL_BYTES = 16384
+
+log = logging.getLogger("mpdp")
 
 
 class PlacementError(OSError):
@@ -361,10 +364,6 @@ class RayWorker(WorkerHandle):
     """One worker as a Ray actor in its placement group, watched by a thread of this process."""
 
     def __init__(self, spec: WorkerSpec, bundle: dict[str, float], on_release):
-        ray = _ray()
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
         self.spec = spec
         self.bundle = bundle
         self.pid = None
@@ -379,7 +378,22 @@ class RayWorker(WorkerHandle):
         self._fd_lock = threading.Lock()
         self._released = False
         self._r, self._w = os.pipe()
-        name = f"mpdp-{spec.token}-w{spec.index}.{spec.incarnation}"
+        try:
+            self._place(0)
+        except Exception:
+            self._close_fds()
+            raise
+        self._thread = threading.Thread(target=self._watch, name=f"mpdp-ray-watch-{spec.index}", daemon=True)
+        self._thread.start()
+
+    def _place(self, attempt: int) -> None:
+        """The worker's placement group and actor (a later attempt gets a name of its own)."""
+        ray = _ray()
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        spec, bundle = self.spec, self.bundle
+        name = f"mpdp-{spec.token}-w{spec.index}.{spec.incarnation}" + (f"-r{attempt}" if attempt else "")
         # One bundle: a tensor-parallel group's GPUs on one node (STRICT_PACK says so outright).
         self.pg = placement_group([bundle], strategy="STRICT_PACK", name=name)
         custom = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
@@ -391,16 +405,13 @@ class RayWorker(WorkerHandle):
             ).remote()
         except Exception as exc:
             ray.util.remove_placement_group(self.pg)
-            self._close_fds()
             raise OSError(f"could not create the worker's Ray actor: {exc!r}") from exc
-        self._thread = threading.Thread(target=self._watch, name=f"mpdp-ray-watch-{spec.index}", daemon=True)
-        self._thread.start()
 
     # -- the watcher thread -----------------------------------------------------------------------
     def _watch(self) -> None:
         ray = _ray()
         try:
-            info = self._await(self.actor.start.remote(self.spec.to_json()), stop=None)
+            info = self._start()
             if info is not None:
                 self.pid, self.node_id = info["pid"], info["node_id"]
                 self.node, self.node_ip = info["hostname"], info["node_ip"]
@@ -421,6 +432,24 @@ class RayWorker(WorkerHandle):
             with self._fd_lock:
                 if self._w >= 0:
                     os.write(self._w, b"x")
+
+    def _start(self) -> dict | None:
+        """The worker started by the actor. An actor Ray loses before it has started the worker
+        (a busy node's raylet killing a fresh worker process, a node lost during placement) is
+        placed once more: nothing ran there, so nothing can run twice. A second loss, or a loss
+        after the worker started, is the worker's death as before."""
+        ray = _ray()
+        for attempt in range(START_ATTEMPTS):
+            try:
+                return self._await(self.actor.start.remote(self.spec.to_json()), stop=None)
+            except ray.exceptions.RayActorError as exc:
+                if attempt + 1 == START_ATTEMPTS or self._kill_at is not None:
+                    raise
+                log.warning("mpdp: worker %d's Ray actor was lost before it started the worker (%s); "
+                            "placing it again", self.spec.index, _first_lines(exc, 1))
+                self._drop()
+                self._place(attempt + 1)
+        return None
 
     def _await(self, ref, stop):
         """The value of ``ref``, or None once a kill was asked for (after ``stop`` and a grace)."""
@@ -447,9 +476,13 @@ class RayWorker(WorkerHandle):
         if self._released:
             return
         self._released = True
+        self._drop()
+        self._on_release(self)
+
+    def _drop(self) -> None:
+        """Kill the actor and remove its placement group (never raises)."""
         ray = _ray()
         if not ray.is_initialized():         # calling Ray now would start a new one
-            self._on_release(self)
             return
         try:
             ray.kill(self.actor, no_restart=True)
@@ -459,7 +492,6 @@ class RayWorker(WorkerHandle):
             ray.util.remove_placement_group(self.pg)
         except Exception:
             pass
-        self._on_release(self)
 
     # -- WorkerHandle -----------------------------------------------------------------------------
     @property
