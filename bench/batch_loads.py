@@ -116,7 +116,7 @@ class Loads:
                     return
                 a = time.perf_counter()
                 try:
-                    out = lm(messages=[{"role": "user", "content": q}])
+                    out = lm(q)                  # one user message, as a DSPy module sends
                 except Exception as exc:  # noqa: BLE001  (counted, the run goes on)
                     errors.append(f"{type(exc).__name__}: {exc}"[:200])
                     continue

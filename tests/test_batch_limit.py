@@ -292,3 +292,30 @@ def test_the_benchmarks_pool_runner_switches_limits_on_one_engine():
         assert res["final_limit"] == 7 and res["final_reason"] == FIXED
     finally:
         runner.close()
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.usefixtures("no_child_left")
+def test_the_loads_benchmark_runs_each_load_under_each_setting(tmp_path):
+    """bench.batch_loads on the echo engine: every load under both settings, nothing lost, and
+    each row says which setting it ran under (the GPU run's table is built from these rows)."""
+    import json
+
+    from bench import batch_loads
+
+    out = tmp_path / "loads.json"
+    rc = batch_loads.main(["--engine", "echo", "--model", "echo-model", "--engine-options", '{"delay_s": 0.001}',
+                           "--modes", "adaptive,off", "--scale", "0.02", "--dspy-threads", "4", "--procs", "1",
+                           "--budget-s", "200", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert rc == 0 and not data["failures"] and not data["skipped"], data
+    rows = data["results"]
+    assert sorted((r["load"], r["mode"]) for r in rows) == sorted(
+        (load, mode) for load in batch_loads.LOADS for mode in ("adaptive", "off"))
+    for r in rows:
+        assert r.get("errors", 0) == 0 and r["requests"] > 0
+        assert (r["final_reason"] == OFF) == (r["mode"] == "off")
+    # The same requests under each setting: the same tokens out.
+    by = {(r["load"], r["mode"]): r for r in rows}
+    for load in ("prefill", "mixed", "serve512"):
+        assert by[(load, "adaptive")]["output_tokens"] == by[(load, "off")]["output_tokens"] > 0
