@@ -567,6 +567,25 @@ def test_sticky_affinity_gives_way_to_load_beyond_its_window():
     assert policy.choose(t, [w0, w1]) is w1 and t.route.predicted == 0
 
 
+def test_sticky_never_prefers_a_remembered_home_to_a_confirmed_copy():
+    # The mirror's blocks (8 tokens here) cover more of a 72-token prompt than the engine's
+    # cacheable blocks (17 x 4 = 68, the last token never cached): the old home's memory must not
+    # outrank the worker whose engine really holds the prefix.
+    policy, kv, (w0, w1) = _policy_with_index()
+    doc = list(range(8000, 8072))
+    _busy(w0, w1, 10, 20)
+    first, w = _send(policy, [w0, w1], 1, doc)
+    assert w is w0
+    del w0.in_flight[first.id]
+    w0.outstanding -= first.cost
+    policy.finished(first, 0)
+    kv.apply(0, 0, [])                                 # worker 0 stored nothing of it (evicted since)
+    policy._pending.drain(0, kv.batches(0))
+    kv.apply(1, 0, [(STORED, list(range(1, 18)), None, doc[:68], BS)])   # worker 1's engine holds it
+    t = _ticket(policy, 2, doc)
+    assert policy.choose(t, [w0, w1]) is w1 and t.route.predicted == 68 and t.cost == t.route.cost - 68
+
+
 def make_policy_options(options):
     from mpdp.routing import make_policy
 

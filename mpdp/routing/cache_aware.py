@@ -305,6 +305,10 @@ class CacheAware(RoutingPolicy):
                     if d > exact_depth[i]:
                         exact_depth[i] = d
             size = self.kv_block_size
+            # The mirror's blocks are not the engine's (4 characters a token for text): capped at
+            # the prompt's cacheable tokens, a prefix the mirror remembers on its old home ties,
+            # never outranks, the same prefix confirmed whole on another worker.
+            cacheable = len(key.exact) * size
         sticky = self.sticky
         scored = []
         for w in candidates:
@@ -314,7 +318,7 @@ class CacheAware(RoutingPolicy):
                 # near: the affinity. Sticky, it also counts where the prefix was sent (the mirror),
                 # so a prefix evicted everywhere still goes home; saved, the charge, stays exact.
                 near = depth[w.index] * bt if sticky else 0
-                near = min(near, cost - 1) if near > saved else saved
+                near = min(near, cacheable, cost - 1) if near > saved else saved
             else:
                 saved = near = min(depth[w.index] * bt, cost - 1)
             scored.append((w.outstanding + cost - saved, saved, near, w))
