@@ -360,7 +360,7 @@ def run_once(pool, requests: list[dict], threads: int, max_tokens: int, stream: 
     it = iter(sessions(requests))
     lock = threading.Lock()
     records: list[tuple[float, float, int, int]] = []
-    extra: list[tuple[float, int | None]] = []        # (TTFT or None, cached tokens) per request
+    extra: list[tuple] = []          # (TTFT or None, cached tokens, request index) per request
     errors: list[str] = []
     params = {"max_tokens": max_tokens, "temperature": 0.0}
     if pool.engine == "vllm":
@@ -389,7 +389,7 @@ def run_once(pool, requests: list[dict], threads: int, max_tokens: int, stream: 
                     errors.append(f"{type(exc).__name__}: {exc}"[:200])
                     continue
                 mine.append((t0, time.perf_counter(), c.worker, c.prompt_tokens))
-                mine_extra.append((first, getattr(c, "cached_tokens", None)))
+                mine_extra.append((first, getattr(c, "cached_tokens", None), i))
         with lock:
             records.extend(mine)
             extra.extend(mine_extra)
@@ -410,8 +410,9 @@ def run_once(pool, requests: list[dict], threads: int, max_tokens: int, stream: 
     for d in per_worker.values():
         d["busy_s"] = round(busy_seconds(d.pop("intervals")), 4)
     latencies = sorted(b - a for a, b, _, _ in records)
-    ttfts = sorted(f for f, _ in extra if f is not None)
-    reported = [c for _, c in extra if c is not None]
+    ttfts = sorted(f for f, *_ in extra if f is not None)
+    reported = [c for _, c, _ in extra if c is not None]
+    routes, spread = route_record(requests, records, extra, t0)
     prompt = sum(pt for *_, pt in records)
     return {"requests": len(records), "errors": len(errors), "error_sample": errors[:3],
             "seconds": round(elapsed, 3), "requests_per_s": round(len(records) / elapsed, 2),
@@ -419,7 +420,34 @@ def run_once(pool, requests: list[dict], threads: int, max_tokens: int, stream: 
             "ttft_p50_s": _quantile(ttfts, 0.5), "ttft_p90_s": _quantile(ttfts, 0.9),
             "cached_tokens": sum(reported) if reported else None, "prompt_tokens": prompt,
             "cached_share": round(sum(reported) / prompt, 4) if reported and prompt else None,
-            "workers": {str(k): v for k, v in sorted(per_worker.items())}}
+            "workers": {str(k): v for k, v in sorted(per_worker.items())}, "spread": spread, "routes": routes}
+
+
+def group_of(request: dict) -> str:
+    """What a request shares its long prefix with: its prompt's first line ("Tenant 7:", "Document
+    3:"), or a chat's first message (a program's or a conversation's system prompt)."""
+    if "prompt" in request:
+        return request["prompt"].split("\n", 1)[0][:40]
+    messages = request.get("messages") or [{}]
+    return str(messages[0].get("content", ""))[:40]
+
+
+def route_record(requests: list[dict], records: list, extra: list, t0: float) -> tuple[list, dict]:
+    """Per request, in start order: [start s, group, worker, prompt tokens, cached tokens]; and how
+    the groups spread over the workers: how many were served by more than one, and how often a
+    group's next request went to another worker than its last (a "move")."""
+    names: dict[str, int] = {}
+    rows = sorted(([round(a - t0, 3), names.setdefault(group_of(requests[i]), len(names)), w, pt, c]
+                   for (a, _, w, pt), (_, c, i) in zip(records, extra)), key=lambda r: r[0])
+    last: dict[int, int] = {}
+    seen: dict[int, set] = {}
+    moves = 0
+    for _, g, w, _, _ in rows:
+        moves += g in last and last[g] != w
+        last[g] = w
+        seen.setdefault(g, set()).add(w)
+    return rows, {"groups": len(seen), "on_several_workers": sum(len(v) > 1 for v in seen.values()),
+                  "moves": moves}
 
 
 def _quantile(values: list[float], q: float) -> float | None:
@@ -513,8 +541,8 @@ def bench_pool(args) -> dict:
                     print(f"round {rnd} {workload:7s} {policy:16s} {row['requests_per_s']:9.2f} req/s "
                           f"p90 {row['ttft_p90_s'] or row['latency_p90_s']} s cached {row['cached_share']} "
                           f"busy {[w['busy_s'] for w in row['workers'].values()]} "
-                          f"hit% {[e['prefix_cache_hit_rate_last_pct'] for e in row['engine_log'].values()]}",
-                          flush=True)
+                          f"hit% {[e['prefix_cache_hit_rate_last_pct'] for e in row['engine_log'].values()]} "
+                          f"spread {row['spread']}", flush=True)
                     write(args.json, summarize(result))
     return summarize(result)
 
@@ -557,6 +585,8 @@ def summarize(result: dict) -> dict:
                 "predictions_within_block": {
                     s: _share(rows, s) for s in ("exact", "mirror") if _share(rows, s) is not None},
                 "rounds": [x["requests_per_s"] for x in rows],
+                "groups_on_several_workers": [x["spread"]["on_several_workers"] for x in rows if x.get("spread")],
+                "group_moves": [x["spread"]["moves"] for x in rows if x.get("spread")],
                 "ratio_to_least_loaded": round(rps / base_rps, 3) if base_rps else None,
                 "busy_share_per_worker": {w: round(statistics.fmean(v), 3) for w, v in sorted(busy.items())},
                 "vllm_prefix_cache_hit_rate_pct": {w: round(statistics.fmean(v), 1) for w, v in sorted(hits.items())}

@@ -134,6 +134,32 @@ kv-events2)
     --rounds 1 --stream --budget-s ${MPDP_KV_BUDGET:-380} \
     --json "$out/prefix-kv2.json" 2>&1 | tail -40 > "$out/prefix-kv2.log"
   ;;
+serve-split)
+  # Issue 26: how much of mpdp serve's lead over vllm serve (both at their defaults) is engine
+  # settings (mpdp's engines take LLM's offline defaults: 16,384 batched tokens, against the
+  # server's 8,192; the batch limit keeps <= 512 running) and how much the front end.
+  port=8012
+  load="--model big --concurrency 512 --requests 2048 --max-tokens 256 --procs ${MPDP_CLIENT_PROCS:-8}"
+  for server in ${MPDP_SPLIT:-vllm-default vllm-offline vllm-offline512 mpdp}; do
+    case $server in
+      vllm-default) extra=();;
+      vllm-offline) extra=(--max-num-batched-tokens 16384);;
+      vllm-offline512) extra=(--max-num-batched-tokens 16384 --max-num-seqs 512);;
+    esac
+    if [ $server = mpdp ]; then
+      python3 -m mpdp.cli serve --engine vllm --model "$big" --served-model-name big --num-gpus 1 \
+        --engine-option load_format=dummy --host 127.0.0.1 --port $port > "$out/split-$server.log" 2>&1 &
+    else
+      python3 -m vllm.entrypoints.openai.api_server --model "$big" --served-model-name big --load-format dummy \
+        "${extra[@]}" --host 127.0.0.1 --port $port > "$out/split-$server.log" 2>&1 &
+    fi
+    pid=$!
+    for _ in $(seq 240); do curl -sf http://127.0.0.1:$port/v1/models >/dev/null && break; sleep 1; done
+    timeout 150 python3 -m bench.serve_vs_vllm --base-url http://127.0.0.1:$port/v1 $load \
+      --json "$out/split-$server.json" 2>&1 | tail -20 > "$out/split-$server.txt"
+    kill -INT $pid; wait $pid
+  done
+  ;;
 *) echo "unknown part $part" >&2; exit 2;;
 esac
 ls -la "$out"

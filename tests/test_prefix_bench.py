@@ -49,6 +49,17 @@ def test_echo_smoke_run_covers_every_workload_and_policy(tmp_path, no_child_left
         assert r["errors"] == 0 and r["requests"] > 0
         assert sum(w["requests"] for w in r["workers"].values()) == r["requests"]
         assert set(r["engine_log"]) == {"0", "1"}                # one entry per worker
+        # Each request's route, in start order, and how the prefix groups spread over the workers.
+        assert len(r["routes"]) == r["requests"]
+        assert [row[0] for row in r["routes"]] == sorted(row[0] for row in r["routes"])
+        assert {row[2] for row in r["routes"]} <= {0, 1}
+        spread = r["spread"]
+        assert spread["groups"] == len({row[1] for row in r["routes"]})
+        assert 0 <= spread["on_several_workers"] <= spread["groups"]
+    random_runs = [r for r in result["runs"] if r["workload"] == "random"]
+    assert all(r["spread"]["groups"] == r["requests"] and r["spread"]["moves"] == 0 for r in random_runs)
+    least = [r for r in result["runs"] if r["workload"] == "docqa" and r["policy"] == "least_loaded"]
+    assert any(r["spread"]["moves"] > 0 for r in least)           # by load alone, documents move
     assert "not reachable" in result["vllm_hit_rate_source"]      # echo logs no vLLM stats
 
 
