@@ -279,3 +279,23 @@ def test_hf_killed_and_resumed_equals_an_uninterrupted_run(tmp_path):
     again = generate(tmp_path, "--input", str(src), "--output", str(out), "--resume", *common, timeout=400)
     assert again.returncode == 0, again.stderr
     assert out.read_text() == ref.read_text()
+
+
+# -- unusual inputs ------------------------------------------------------------------------------------------
+def test_a_lone_surrogate_in_a_line_is_written_escaped_and_fails_no_other_line(tmp_path):
+    # "\ud800" is valid JSON but has no UTF-8 form: carried or in an id, it goes back out as the same
+    # escape; in a prompt, that request fails alone. Its neighbours are written, nothing crashes.
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text('{"id": "a", "prompt": "hi"}\n'
+                   '{"id": "b", "prompt": "x", "meta": "\\ud800"}\n'
+                   '{"id": "c\\udc00", "prompt": "yo"}\n'
+                   '{"id": "d", "prompt": "p\\ud800"}\n'
+                   '{"id": "e", "prompt": "last"}\n')
+    proc = generate(tmp_path, "--input", str(src), "--output", str(out), "--engine", "echo", "--num-workers", "1")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["a", "b", "c\udc00", "d", "e"]
+    assert rows[1]["meta"] == "\ud800" and rows[2]["text"] == "yo" and "error" in rows[3]
+    assert rows[4]["text"] == "last"
+    again = generate(tmp_path, "--input", str(src), "--output", str(out), "--engine", "echo", "--resume")
+    assert again.returncode == 0 and "all 5 results are in" in again.stderr, again.stderr

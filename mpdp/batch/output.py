@@ -82,6 +82,15 @@ def open_for_append(path: str, found: Scan) -> BinaryIO:
     return f
 
 
+def _encode(row: dict) -> bytes:
+    """One output line. A lone surrogate (``"\\ud800"`` in an input line, carried or echoed) has no
+    UTF-8 form: that line is written with JSON escapes instead, which read back as the same string."""
+    try:
+        return json.dumps(row, ensure_ascii=False).encode("utf-8") + b"\n"
+    except UnicodeEncodeError:
+        return json.dumps(row).encode("ascii") + b"\n"
+
+
 class DurableWriter:
     """Writes lines as they come, flushes after every batch and fsyncs every ``fsync_every`` seconds.
 
@@ -106,7 +115,7 @@ class DurableWriter:
         """``rows``: (output line, completion tokens, worker or None for an error line), in file order."""
         if not rows:
             return
-        lines = [json.dumps(row, ensure_ascii=False).encode("utf-8") + b"\n" for row, _, _ in rows]
+        lines = [_encode(row) for row, _, _ in rows]
         data = b"".join(lines)
         landed = 0
         try:
