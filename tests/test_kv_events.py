@@ -404,6 +404,18 @@ def test_choose_follows_the_exact_index_and_falls_back_to_the_mirror():
     assert policy.choose(t5, [w0, w1]) is w0 and t5.route.predicted_exact and t5.route.predicted == 0
 
 
+def test_a_request_up_to_the_context_is_routed_by_the_index():
+    # max_tokens="context" (the server's chat default) once raised TypeError in route_key, in the
+    # caller's thread: every such request failed on a pool routing by the engines' events.
+    policy, kv, (w0, w1) = _policy_with_index()
+    doc = list(range(1000, 1040))
+    kv.apply(1, 0, [(STORED, list(range(1, 11)), None, doc, BS)])
+    req = EngineRequest(1, None, None, doc + [7, 7], {"max_tokens": "context"})
+    t = Ticket(1, 555, policy.route_key(req))          # 555: the pool's estimate (a guess of the output)
+    assert t.route.exact and t.route.prompt_tokens == 42
+    assert policy.choose(t, [w0, w1]) is w1 and t.route.predicted == 40 and t.cost == 555 - 40
+
+
 def _placed(policy, ids, i):
     t = _ticket(policy, i, ids)
     t.route.cost = t.cost

@@ -258,7 +258,9 @@ class CacheAware(RoutingPolicy):
                 s = self.pending_stride
                 key.marks = key.exact[s - 1::s] if s > 1 else key.exact
                 params = request.params
-                key.cost = 1 + len(ids) + params.get("max_tokens", 16) * params.get("n", 1)
+                max_tokens = params.get("max_tokens", 16)
+                if type(max_tokens) is int:        # "context": the pool's estimate (its guess) stays
+                    key.cost = 1 + len(ids) + max_tokens * params.get("n", 1)
         return key if blocks or key.exact else None
 
     # -- the dispatcher thread --------------------------------------------------------------------
