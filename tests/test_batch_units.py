@@ -32,6 +32,14 @@ def test_format_is_detected_from_the_line():
     assert formats.detect({"id": 1, "prompt": "x"}) == formats.SIMPLE
 
 
+def test_a_first_simple_line_may_carry_a_url_method_or_body():
+    # Those are carried fields on any later line: the first one is no different.
+    for key in ("url", "method", "body"):
+        line = {"id": "a", "prompt": "summarize the page", key: "https://example.com"}
+        assert formats.detect(line) == formats.SIMPLE
+        assert parse(line, 1, formats.SIMPLE).carry == {key: "https://example.com"}
+
+
 RULES = formats.Rules(("m",), "echo", None)
 
 

@@ -77,8 +77,14 @@ class Item:
 def detect(obj: Any) -> str:
     """The format of a file, from its first line (already JSON-decoded): an OpenAI batch line
     has its batch keys (a line that lacks only its ``custom_id`` is still one, and is refused
-    for that, not for lacking a prompt)."""
-    return OPENAI if isinstance(obj, dict) and any(k in obj for k in _OPENAI_KEYS) else SIMPLE
+    for that, not for lacking a prompt). A line with a prompt and no ``custom_id`` is simple:
+    its ``url``, ``method`` or ``body`` are fields carried to the output, as on any other line."""
+    if not isinstance(obj, dict):
+        return SIMPLE
+    if "custom_id" in obj:
+        return OPENAI
+    return SIMPLE if any(k in obj for k in _PROMPT_KEYS) else \
+        OPENAI if any(k in obj for k in _OPENAI_KEYS) else SIMPLE
 
 
 def decode(text: str | bytes, lineno: int) -> dict:
