@@ -313,3 +313,28 @@ def test_the_worker_table_counts_the_rows_written():
                         ["failed", "1", "0", "-"], ["total", "4", "15", "3"]]
     assert progress.written == 8 and progress.failures == 1
 
+
+
+def test_sigint_while_lines_that_fail_alone_are_written_says_what_is_on_disk(tmp_path, monkeypatch, capsys):
+    """No worker is needed when every line fails alone; a stop then must still land between two
+    writes and count the lines in the file (not the ones there before this run)."""
+    from mpdp.cli import main
+
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps({"id": f"r{i}", "prompt": "x", "temperature": -1}) + "\n" for i in range(1000)))
+    real_write, sent = output.DurableWriter.write, []
+
+    def write_then_sigint(self, rows):
+        real_write(self, rows)
+        if rows and not sent:                    # the first batch is in the file: Ctrl-C
+            sent.append(1)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(output.DurableWriter, "write", write_then_sigint)
+    code = main(["generate", "--input", str(src), "--output", str(out), "--engine", "echo", "--no-progress"])
+    err = capsys.readouterr().err
+    written = lines_of(out)
+    assert code == 130 and 0 < written < 1000, err
+    assert f"wrote {written} of 1000 results; rerun with --resume to finish" in err
+    assert re.search(rf"this run wrote {written} results \({written} failed\)", err), err
+    assert ids_in(out) == [f"r{i}" for i in range(written)]

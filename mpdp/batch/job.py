@@ -139,6 +139,11 @@ def _run(args, plan: checks.Plan, signals: Signals) -> int:
 
 
 def _write_all(args, plan: checks.Plan, pool, signals: Signals) -> int:
+    # From here a signal only stops the loop between two writes, with or without workers (every
+    # line may fail alone: then none runs), so the summary counts what is in the file.
+    signals.deferred = True
+    if signals.signum is not None:
+        raise Stop(signals.signum)
     f = output.open_for_append(args.output, plan.previous) if plan.previous else open(args.output, "wb")
     progress = Progress(plan.total, plan.done, enabled=not args.no_progress)
     writer = output.DurableWriter(f, args.fsync_every, progress.advance)
