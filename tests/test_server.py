@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import httpx
 import openai
@@ -102,6 +103,26 @@ def test_completions_string_list_and_token_ids(client):
         for choice in c.choices:
             texts[choice.index] += choice.text
     assert texts == {0: "stream this text", 1: "and this"}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_its_engine_refuses_is_the_same_400_streamed_or_not(server, client, stream):
+    # The engine finds the prompt too long for its context when it takes the request: a streamed
+    # request's answer waits for that verdict, as vLLM's does, not a 200 with an error event.
+    too_long = "x" * (CONTEXT + 1)
+    with pytest.raises(openai.BadRequestError) as info:
+        r = client.chat.completions.create(model=MODEL, messages=user(too_long), stream=stream)
+        list(r) if stream else None
+    assert (info.value.code, info.value.param) == ("context_length_exceeded", "messages")
+    # A list of prompts: the one that fits is aborted with the request, nothing is left in the engines.
+    with pytest.raises(openai.BadRequestError) as info:
+        r = client.completions.create(model=MODEL, prompt=["fits" * 1000, too_long], max_tokens=4000, stream=stream)
+        list(r) if stream else None
+    assert (info.value.code, info.value.param) == ("context_length_exceeded", "prompt")
+    deadline = time.monotonic() + 60
+    while sum_samples(server.metrics(), "mpdp:num_requests_running") != 0:
+        assert time.monotonic() < deadline, "a request was left in an engine"
+        time.sleep(0.05)
 
 
 def test_models(client):

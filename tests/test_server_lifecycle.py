@@ -151,3 +151,26 @@ def test_a_client_that_disconnects_has_its_request_aborted_in_the_engine(tmp_pat
     finally:
         assert s.stop(timeout=60) == 0
     assert any("grace of 1s passed" in line for line in s.lines)
+
+
+def test_a_stream_whose_client_leaves_before_its_first_token_is_aborted_quietly(tmp_path):
+    # capacity=1, delay_s=120: the first request holds the engine; a stream sent next waits in the
+    # pool for its first token (its answer begins with it), and its client gives up meanwhile.
+    s = ServerProcess("--engine", "echo", "--num-workers", "1", "--served-model-name", "m",
+                      "--engine-option", "capacity=1", "--engine-option", "delay_s=120",
+                      "--shutdown-grace", "1", tmp_path=tmp_path)
+    holder = threading.Thread(target=lambda: httpx.post(s.base + "/chat/completions", json=chat("hold"), timeout=90),
+                              daemon=True)
+    try:
+        holder.start()
+        wait_until(lambda: sum_samples(s.metrics(), "mpdp:num_requests_pending") == 1, 60, what="the holder")
+        with pytest.raises(httpx.ReadTimeout):
+            with httpx.stream("POST", s.base + "/chat/completions", json=chat("wait", stream=True), timeout=2):
+                pass
+        wait_until(lambda: sum_samples(s.metrics(), "mpdp:num_requests_pending") == 1
+                   and sum_samples(s.metrics(), "mpdp:request_failure_total", reason="aborted") == 1, 60,
+                   what="the stream to be aborted in the pool")
+    finally:
+        assert s.stop(timeout=60) == 0
+        holder.join(60)
+    assert "Exception in ASGI application" not in "\n".join(s.lines), s.lines

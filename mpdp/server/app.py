@@ -52,6 +52,10 @@ def _json(obj: Any, status: int = 200) -> Response:
     return Response(data, status, media_type="application/json")
 
 
+class _ClientGone(Exception):
+    """The client disconnected before its answer began."""
+
+
 class _SSEResponse(StreamingResponse):
     """A StreamingResponse that always listens for ``http.disconnect`` and cancels the stream
     when it comes. (Starlette stops listening for servers that speak ASGI 2.4 and notices a
@@ -317,9 +321,14 @@ async def _handle(request: Request, state: ServerState, kind: str) -> Response:
         try:
             queued = time.monotonic() - arrived     # observed once the pool took the request
             if p.stream:
-                held = _Streams(state, await _open_streams(state, p), k)
+                held = _Streams(state, [sse.Started(s) for s in await _open_streams(state, p)], k)
+                ended = True           # from here held.close() (the response's, or below) lets go
+                try:
+                    await _started(request, state, held)
+                except BaseException:
+                    held.close()
+                    raise
                 state.metrics.observe_queue(queued)
-                ended = True           # from here the response (or its body) lets go
                 return _SSEResponse(_events(state, p, held, arrived), held.close, state,
                                     media_type="text/event-stream",
                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -330,6 +339,10 @@ async def _handle(request: Request, state: ServerState, kind: str) -> Response:
     except APIError as err:
         state.metrics.observe_failure(_failure_kind(err))
         raise
+    except _ClientGone:
+        # Its pool requests are aborted; nobody reads an answer (raised, it logged a traceback).
+        state.metrics.observe_failure("aborted")
+        return Response(status_code=499)
     except (asyncio.CancelledError, GeneratorExit):
         state.metrics.observe_failure("aborted")
         raise
@@ -371,6 +384,28 @@ async def _open_streams(state: ServerState, p: parsing.Parsed) -> list:
     return streams
 
 
+async def _started(request: Request, state: ServerState, held: _Streams) -> None:
+    """Wait for each stream's first delta before the response begins: a request its engine refuses
+    when it takes it (a prompt over the context) then gets its own status (400), as unstreamed and
+    as in vLLM, not a 200 whose body is an error event. The client leaving meanwhile aborts it."""
+    tasks = [asyncio.ensure_future(s.start()) for s in held.streams]
+    started = tasks[0] if len(tasks) == 1 else asyncio.gather(*tasks)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait((started, gone, state.cut_off), return_when=asyncio.FIRST_COMPLETED)
+        if started not in done:
+            if gone not in done:
+                raise state.shutdown_error()
+            raise _ClientGone()
+        started.result()
+    except BaseException:
+        for t in tasks:                # gather does not cancel the others when one fails
+            t.cancel()
+        raise
+    finally:
+        gone.cancel()
+
+
 async def _answer(request: Request, state: ServerState, p: parsing.Parsed, arrived: float,
                   queued: float) -> Response:
     """A non-streamed request: the pool's answers, unless the client leaves first (then abort)."""
@@ -383,7 +418,7 @@ async def _answer(request: Request, state: ServerState, p: parsing.Parsed, arriv
         if results not in done:        # cancelling a task that awaits a pool future aborts the request
             if gone not in done:
                 raise state.shutdown_error()
-            raise asyncio.CancelledError("the client disconnected")
+            raise _ClientGone()
         completions = [results.result()] if len(tasks) == 1 else results.result()
     except BaseException:
         for t in tasks:

@@ -5,6 +5,9 @@ decides the server's throughput when many clients stream at once.
 - ``TextEvents``: the content chunks of one response, each from a template cut once per choice
   out of ``openai_api.response.chunk``'s own output (so the two shapes cannot drift apart); per delta
   only the new text is JSON-encoded.
+- ``Started``: a pool stream whose first delta (or failure) was awaited before the response
+  began, so that a request its engine refuses when it takes it (a prompt over the context) is
+  answered with its own status, as unstreamed, rather than a 200 and an error event.
 - ``batches(streams)``: the pool streams' deltas as they come, those of one stream that are
   already waiting joined into one. A server behind the engines then catches up with one event
   per stream instead of one per engine step, as vLLM's server does (its output collector merges
@@ -50,6 +53,35 @@ class TextEvents:
         if not mark or _MARK_JSON.encode() in after:
             raise AssertionError("the chunk template's placeholder is not unique")
         return before, after
+
+
+class Started:
+    """A pool stream read up to its first delta (``await start()``), then read as the stream itself."""
+
+    def __init__(self, stream):
+        self.stream, self.future = stream, stream.future
+        self._deltas = stream.__aiter__()
+        self._first = None
+
+    async def start(self) -> None:
+        """Wait for the first delta; raises the request's error if it fails before one."""
+        try:
+            self._first = await self._deltas.__anext__()
+        except StopAsyncIteration:
+            pass
+
+    def cancel(self) -> bool:
+        return self.stream.cancel()
+
+    def waiting(self) -> int:
+        return self.stream.waiting() + (self._first is not None)
+
+    async def __aiter__(self):
+        if self._first is not None:
+            first, self._first = self._first, None
+            yield first
+        async for delta in self._deltas:
+            yield delta
 
 
 async def batches(streams: list) -> AsyncIterator[tuple[int, list[str], bool, Any]]:
