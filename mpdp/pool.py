@@ -130,10 +130,9 @@ class Pool:
             if self._kv_events is not None:
                 self._kv_events.close()
             raise
-        if self._kv_events is not None:
-            weakref.finalize(self, self._kv_events.close)
-        # Runs on close(), garbage collection or interpreter exit; holds no reference to the pool.
-        self._finalizer = weakref.finalize(self, _shutdown, d, False, 10.0, self._owner_pid)
+        # Runs on close(), garbage collection or interpreter exit, and when the start fails; holds
+        # no reference to the pool. It stops the KV-event listener too.
+        self._finalizer = weakref.finalize(self, _shutdown, d, False, 10.0, self._owner_pid, self._kv_events)
         if config.wait_ready:
             try:
                 d.ready.wait()
@@ -359,9 +358,7 @@ class Pool:
         if os.getpid() != self._owner_pid:
             return
         _shutdown(self._dispatcher, wait and not cancel_pending, timeout, self._owner_pid)
-        self._finalizer()         # kills leftovers; runs once
-        if self._kv_events is not None:
-            self._kv_events.close()
+        self._finalizer()         # kills leftovers, stops the KV-event listener; runs once
 
     async def aclose(self, wait: bool = True, *, cancel_pending: bool = False, timeout: float | None = None) -> None:
         """``close`` for asyncio: waits for the pool to stop without blocking the event loop."""
@@ -524,7 +521,7 @@ def _cancel_all(futures) -> None:
         f.cancel()
 
 
-def _shutdown(d: Dispatcher, wait: bool, timeout: float | None, owner_pid: int) -> None:
+def _shutdown(d: Dispatcher, wait: bool, timeout: float | None, owner_pid: int, listener=None) -> None:
     if os.getpid() != owner_pid:         # a forked child's exit must not touch the parent's pool
         return
     if d.admission.begin_close(wait):
@@ -533,3 +530,5 @@ def _shutdown(d: Dispatcher, wait: bool, timeout: float | None, owner_pid: int) 
     # waiting there for the dispatcher to stop would wait for itself.
     if not d.is_dispatcher_thread():
         d.stopped.wait(timeout)
+    if listener is not None:             # the KV-event listener's thread and socket
+        listener.close()

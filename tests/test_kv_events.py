@@ -705,3 +705,18 @@ def test_events_are_opt_in_through_routing_options(no_child_left):
     with mpdp.Pool(engine="echo", num_workers=2, routing_options={"events": True}, max_tokens=4) as pool:
         assert pool._policy.wants_kv_events and pool._kv_events is None
         assert len(pool.generate(["x" * 3000 + str(i) for i in range(6)])) == 6
+
+
+def test_a_pool_that_fails_to_start_leaves_no_listener_behind(monkeypatch, no_child_left):
+    # The listener was closed by close() and at garbage collection only: a pool whose workers
+    # failed to start raised with its thread still running (as long as anything held the error).
+    import mpdp
+    import mpdp.core.prompt_tokens as prompt_tokens
+    from mpdp.engines.echo import EchoEngine
+
+    monkeypatch.setattr(EchoEngine, "publishes_kv_events", True, raising=False)   # echo refuses kv_events:
+    monkeypatch.setattr(prompt_tokens, "PromptTokenizer", lambda model, options: lambda request: None)
+    with pytest.raises(mpdp.WorkerStartError) as info:                 # its worker fails to start
+        mpdp.Pool(engine="echo", num_workers=1, routing_options={"events": True}, heartbeat_interval=0.1)
+    assert "kv_events" in str(info.value)
+    assert "mpdp-kv-events" not in [t.name for t in threading.enumerate()]
