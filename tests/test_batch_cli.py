@@ -299,3 +299,15 @@ def test_a_lone_surrogate_in_a_line_is_written_escaped_and_fails_no_other_line(t
     assert rows[4]["text"] == "last"
     again = generate(tmp_path, "--input", str(src), "--output", str(out), "--engine", "echo", "--resume")
     assert again.returncode == 0 and "all 5 results are in" in again.stderr, again.stderr
+
+
+def test_resume_runs_an_id_whose_python_hash_matches_a_written_one(tmp_path):
+    # hash(-1) == hash(-2) and hash(1) == hash(2**61): each is its own id, and resume must run it.
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    ids = [-1, -2, 1, 2 ** 61]
+    src.write_text("".join(json.dumps({"id": i, "prompt": f"p {i}"}) + "\n" for i in ids))
+    out.write_text("".join(json.dumps({"id": i, "text": "old"}) + "\n" for i in (-1, 1)))
+    proc = generate(tmp_path, "--input", str(src), "--output", str(out), "--resume", "--engine", "echo",
+                    "--num-workers", "1")
+    assert proc.returncode == 0 and "resuming: 2 of 4 results already in" in proc.stderr, proc.stderr
+    assert ids_in(out) == [-1, 1, -2, 2 ** 61]

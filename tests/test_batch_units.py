@@ -155,6 +155,15 @@ def test_openai_error_rows_say_whose_fault_it_was():
     assert ours["error"]["message"] == "RuntimeError: boom"
 
 
+def test_ids_share_a_key_only_by_chance():
+    # Python's hash: hash(-1) == hash(-2), and ints equal modulo 2**61 - 1 share a hash.
+    pairs = [(-1, -2), (1, 2 ** 61), (2 ** 64, 2 ** 64 + 2 ** 61 - 1), (-(2 ** 63), 2 ** 63 - 1),
+             (10 ** 30, str(10 ** 30)), (7, "7")]
+    for a, b in pairs:
+        assert formats.id_key(a) != formats.id_key(b), (a, b)
+    assert all(-(2 ** 63) <= formats.id_key(i) < 2 ** 63 for i in (-(2 ** 63), 2 ** 63 - 1, 2 ** 64, -(2 ** 70), "x"))
+
+
 def test_id_set_finds_repeats_and_members():
     s = IdSet()
     for item_id in ["a", "b", 3, "a", "3"]:

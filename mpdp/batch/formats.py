@@ -116,9 +116,20 @@ def parse(obj: dict, lineno: int, fmt: str, rules: Rules) -> Item:
     return _parse_openai(obj, lineno, rules) if fmt == OPENAI else _parse_simple(obj, lineno, rules)
 
 
+_INT64 = 1 << 63
+
+
 def id_key(item_id: str | int) -> int:
-    """A 64-bit key of an id for :class:`mpdp.batch.ids.IdSet` (a string and an int never match)."""
-    return hash(item_id) if type(item_id) is str else hash((0, item_id))
+    """A 64-bit key of an id for :class:`mpdp.batch.ids.IdSet`. Two ids share one only by chance
+    (1 in 2**64 a pair), never by their shape: an int that fits in 64 bits is its own key (Python's
+    ``hash`` of an int is not: ``hash(-1) == hash(-2)``, and ints equal modulo 2**61 - 1 share
+    one, so a resume took one of them for the other, done); a string is hashed, and so is a
+    larger int, tagged so that it never matches the string of its digits."""
+    if type(item_id) is str:
+        return hash(item_id)
+    if -_INT64 <= item_id < _INT64:
+        return item_id
+    return hash(("int", str(item_id)))
 
 
 def _parse_simple(obj: dict, lineno: int, rules: Rules) -> Item:
