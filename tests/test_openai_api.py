@@ -96,3 +96,15 @@ def test_usage_reports_cached_tokens_when_the_engine_counts_them():
 def test_finish_reasons_are_mapped_once():
     assert [shapes.finish_reason(r) for r in ("stop", "length", "abort", "", None)] == [
         "stop", "length", "abort", "stop", "stop"]
+
+
+@pytest.mark.parametrize("prompt", [[5, -1], [[5], [-1]]])
+def test_token_ids_refused_later_name_the_clients_field(prompt):
+    # /v1/completions takes token ids in prompt; the pool's check names its own prompt_token_ids.
+    p = parsing.parse({"prompt": [abs(t) for t in prompt] if type(prompt[0]) is int else [[5], [1]]},
+                      parsing.COMPLETION, ["m"])
+    refused = ValueError("prompt_token_ids has ids outside the vocabulary [0, 49152): [99999]")   # the engine's
+    assert shapes.api_error(refused, p).param == "prompt"
+    with pytest.raises(errors.InvalidRequest) as info:          # negative: refused by the parser, every door
+        parsing.parse({"prompt": prompt}, parsing.COMPLETION, ["m"])
+    assert info.value.param == "prompt"

@@ -208,6 +208,8 @@ BAD = [
      {"model": MODEL, "messages": user("x" * (CONTEXT + 1))}, 400, "messages", "context_length_exceeded"),
     ("no prompt", "/completions", {"model": MODEL}, 400, "prompt", None),
     ("an empty prompt", "/completions", {"model": MODEL, "prompt": ""}, 400, "prompt", None),
+    ("negative token ids (the client's field is prompt)", "/completions", {"model": MODEL, "prompt": [[5], [-1]]},
+     400, "prompt", None),
     ("a prompt mixing strings and ids", "/completions", {"model": MODEL, "prompt": [1, "a"]}, 400, "prompt", None),
     ("completions logprobs 50", "/completions", {"model": MODEL, "prompt": "x", "logprobs": 50}, 400, "logprobs",
      None),

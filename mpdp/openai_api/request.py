@@ -101,6 +101,8 @@ def parse(body: Any, kind: str, served: list[str], *, streaming: bool = True) ->
         if "prompt" not in body:
             raise bad("prompt is required", "prompt")
         inputs = _prompts(body.pop("prompt"))
+        if "prompt_token_ids" in inputs[0]:
+            renames["prompt_token_ids"] = "prompt"     # token ids come in the client's prompt
         names = _SAMPLING
         if body.get("max_tokens") is not None:
             sampling["max_tokens"] = body.pop("max_tokens")
@@ -170,15 +172,22 @@ def _prompts(prompt: Any) -> list[dict]:
         raise bad("prompt must be a string, a list of strings, a list of token ids or a list of such lists",
                   "prompt")
     if all(type(t) is int for t in prompt):
-        return [{"prompt_token_ids": prompt}]
+        return [{"prompt_token_ids": _token_ids(prompt)}]
     if len(prompt) > MAX_PROMPTS:
         raise bad(f"prompt holds {len(prompt)} prompts; at most {MAX_PROMPTS} in one request", "prompt")
     if all(isinstance(p, str) for p in prompt):
         return [{"prompt": p} for p in prompt]
     if all(isinstance(p, list) and p and all(type(t) is int for t in p) for p in prompt):
-        return [{"prompt_token_ids": p} for p in prompt]
+        return [{"prompt_token_ids": _token_ids(p)} for p in prompt]
     raise bad("prompt must be a string, a list of strings, a list of token ids or a list of such lists "
               "(not a mixture)", "prompt")
+
+
+def _token_ids(ids: list[int]) -> list[int]:
+    # Refused here, naming the client's field, by every door (a batch line too, before any worker).
+    if any(t < 0 for t in ids):
+        raise bad("prompt: token ids must be non-negative", "prompt")
+    return ids
 
 
 def _stream_options(options: Any, stream: bool) -> tuple[bool, bool]:
