@@ -34,6 +34,10 @@ def test_vllm_num_cached_tokens_reaches_the_result_and_crosses_the_wire():
     acc.add(_output(None))                 # a later delta that does not repeat it keeps the figure
     assert acc.final(7, _output(None)).cached_tokens == 16
     assert EngineResult(1).cached_tokens is None   # engines that do not say (hf, echo)
+    bad = protocol.result_to_wire(res)
+    bad[10] = "32"                         # a worker's bug must not reach the dispatcher's sums
+    with pytest.raises(protocol.ProtocolError):
+        protocol.result_from_wire(bad)
 
 
 # -- vLLM-shaped event batches -------------------------------------------------------------------
@@ -312,6 +316,24 @@ def test_a_gap_that_cannot_be_replayed_clears_the_worker(listener, publishers):
     pub.publish([])
     assert wait_for(lambda: lst.index.worker_stats(0)["kv_restarts"] == before + 1)
     assert lst.index.match(keys, [0]) == {0: 0}        # it may hold less than the engine, never more
+
+
+@pytest.mark.timeout(60)
+def test_a_batch_with_values_of_the_wrong_type_clears_that_worker_and_the_listener_goes_on(listener, publishers):
+    lst = listener()
+    pub = publishers("mpdp-kv/0/dd")
+    connected(lst, pub, 0)
+    toks = list(range(12))
+    pub.publish([stored(*chain(toks))])
+    keys = block_keys(toks, BS)
+    assert wait_for(lambda: lst.index.match(keys, [0]) == {0: 3})
+    # Well-formed as a batch, but a hash that is a list: unusable as a key.
+    pub.publish([stored([[1], [2]], None, list(range(100, 108)))])
+    assert wait_for(lambda: lst.undecodable == 1)
+    assert lst.index.match(keys, [0]) == {0: 0}        # cleared: less than the engine, never more
+    toks2 = list(range(200, 208))
+    pub.publish([stored(*chain(toks2, first=50))])     # the listener still hears the worker
+    assert wait_for(lambda: lst.index.match(block_keys(toks2, BS), [0]) == {0: 2})
 
 
 @pytest.mark.timeout(60)

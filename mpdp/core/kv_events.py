@@ -194,15 +194,15 @@ class KVEventListener:
         index, f = self.index, self._follows[i]
         try:
             events = decode_batch(payload)
-        except ValueError as exc:
-            # Not knowing what it said, the worker cannot be trusted as it stands: clear it.
+            if index.apply(i, seq, events) == GAP:
+                self._resync(i, seq, events)
+        except Exception as exc:  # noqa: BLE001  (a value of the wrong type inside a well-formed batch too)
+            # Not knowing what it said (or having applied part of it), the worker cannot be
+            # trusted as it stands: clear it. The listener goes on for every worker.
             self.undecodable += 1
-            log.warning("mpdp: worker %d sent a bad KV event batch %d (%s); its index is cleared", i, seq, exc)
+            log.warning("mpdp: worker %d sent a bad KV event batch %d (%r); its index is cleared", i, seq, exc)
             index.restart(i, seq + 1)
             return
-        status = index.apply(i, seq, events)
-        if status == GAP:
-            self._resync(i, seq, events)
         f.last_batch, f.expect_since = now, None
         if f.stale:
             f.stale = False
@@ -220,7 +220,7 @@ class KVEventListener:
                 try:
                     if index.apply(i, s, decode_batch(payload)) != APPLIED:
                         break
-                except ValueError:
+                except Exception:  # noqa: BLE001  (a bad replayed batch: the worker restarts below)
                     break
             if index.next_seq(i) == seq:
                 index.apply(i, seq, events)

@@ -249,7 +249,8 @@ def result_from_wire(item: Any) -> EngineResult:
     # msgpack decodes ints as int and arrays as list, never subclasses, so `type(...) is` is exact.
     if (type(item) is not list or len(item) != 12 or type(item[0]) is not int
             or type(item[1]) is not list or type(item[2]) is not list
-            or type(item[3]) is not int or type(item[4]) is not int):
+            or type(item[3]) is not int or type(item[4]) is not int
+            or (item[10] is not None and type(item[10]) is not int)):
         raise ProtocolError("a RESULTS item must be [id, texts, finish_reasons, prompt_tokens, "
                             "completion_tokens, logprobs, error_type, error, finished, traceback, cached_tokens, "
                             "token_ids]")
