@@ -311,3 +311,12 @@ def test_resume_runs_an_id_whose_python_hash_matches_a_written_one(tmp_path):
                     "--num-workers", "1")
     assert proc.returncode == 0 and "resuming: 2 of 4 results already in" in proc.stderr, proc.stderr
     assert ids_in(out) == [-1, 1, -2, 2 ** 61]
+
+
+def test_the_output_may_be_a_pipe(tmp_path):
+    src = tmp_path / "in.jsonl"
+    ids = write_simple(src, 20)
+    proc = generate(tmp_path, "--input", str(src), "--output", "/dev/stdout", "--engine", "echo", "--num-workers", "2",
+                    "--no-progress")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert [json.loads(line)["id"] for line in proc.stdout.splitlines()] == ids

@@ -106,7 +106,10 @@ class DurableWriter:
         self.f, self.fsync_every, self.on_written = f, fsync_every, on_written
         f.flush()                  # what the file object holds (a repaired newline) goes first
         self._fd = f.fileno()
-        self._end = os.lseek(self._fd, 0, os.SEEK_END)      # where the next line starts
+        try:
+            self._end = os.lseek(self._fd, 0, os.SEEK_END)  # where the next line starts
+        except OSError:            # a pipe or a terminal (--output /dev/stdout): nothing to cut back
+            self._end = 0
         self.written = 0
         self._dirty = False
         self._last_sync = time.monotonic()
