@@ -98,13 +98,7 @@ class Pool:
         # Workers on other machines (launcher="ray") connect over tcp, always with Curve, to the
         # address the launcher names; a local launcher is made only once the endpoint is bound.
         remote = make_launcher(config) if config.launcher != "local" else None
-        if isinstance(transport, str):
-            transport = Transport(kind="tcp" if remote else config.transport,
-                                  host=remote.bind_host if remote else config.transport_host,
-                                  port=config.transport_port)
-        # cache_aware with events=True on vLLM: the engines publish their KV-cache events, a thread
-        # keeps an exact index.
-        self._kv_events = kv_events.attach(self._policy, engine_cls, self.model, options, remote is not None)
+        self._kv_events = None
         self._admission = admission = Admission(config.max_pending)
         launch = LaunchConfig(self.engine, self.model, options, config.heartbeat_interval,
                               config.dispatcher_timeout, dict(config.worker_env))
@@ -113,7 +107,16 @@ class Pool:
             return Supervisor(slots, launch, remote or make_launcher(config), endpoint, transport.curve,
                               [transport.folder] if transport.folder else [])
 
+        # From here a remote launcher holds its cluster (a Ray it connected to): whatever fails
+        # before the dispatcher owns it (a refused transport host, Ctrl-C) must let go of it.
         try:
+            if isinstance(transport, str):
+                transport = Transport(kind="tcp" if remote else config.transport,
+                                      host=remote.bind_host if remote else config.transport_host,
+                                      port=config.transport_port)
+            # cache_aware with events=True on vLLM: the engines publish their KV-cache events, a
+            # thread keeps an exact index.
+            self._kv_events = kv_events.attach(self._policy, engine_cls, self.model, options, remote is not None)
             self._dispatcher = d = Dispatcher(
                 supervisor, transport, Scheduler(self._policy, max_batch=config.max_batch,
                                                  max_crashes=config.max_crashes), admission,
@@ -124,7 +127,7 @@ class Pool:
                 shutdown_timeout=config.shutdown_timeout,
                 batch_limits=BatchLimits(batch_limits.resolve(config.batch_limit, engine_cls)),
                 continue_streams=engine_cls.continues_streams)
-        except BaseException:          # the endpoint could not be bound: nothing may stay behind
+        except BaseException:          # a refused setting, an endpoint not bound: nothing may stay behind
             if remote is not None:
                 remote.close()
             if self._kv_events is not None:

@@ -298,6 +298,25 @@ def test_a_bad_bundle_fails_the_pool_call(monkeypatch):
         ray_pool(num_workers=1)
 
 
+BAD_HOST_DRIVER = r"""
+import sys, ray, mpdp
+try:
+    mpdp.Pool(engine="echo", num_workers=1, launcher="ray", ray_address=sys.argv[1], transport_host="::1")
+except ValueError as exc:
+    print("refused:", exc, flush=True)
+print("ray still initialised:", ray.is_initialized(), flush=True)
+"""
+
+
+def test_a_pool_refused_after_connecting_to_ray_lets_go_of_it(cluster):
+    """The pool connected to Ray (it owns that connection), then refused a setting: it must not
+    keep Ray initialised in the caller's process (a local Ray's processes stayed until exit)."""
+    r = subprocess.run([sys.executable, "-c", BAD_HOST_DRIVER, cluster.address], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert "refused: transport host must be" in r.stdout, r.stderr[-2000:]
+    assert "ray still initialised: False" in r.stdout, r.stdout
+
+
 DRIVER = r"""
 import json, sys, time, ray, mpdp
 ray.init(address=sys.argv[1], log_to_driver=False)
