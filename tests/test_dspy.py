@@ -444,6 +444,25 @@ def test_pool_errors_become_dspy_errors(exc, expected, calls, monkeypatch):
     assert info.value.__cause__ is not None and info.value.__cause__.__cause__ is exc
 
 
+def test_an_unexpected_error_keeps_its_own_cause(monkeypatch):
+    # An error of no pool kind (a bug) reaches DSPy as itself: its own cause must stay its cause.
+    monkeypatch.setattr("dspy.clients.execution._delay", lambda exc, attempt: 0)
+    try:
+        try:
+            {}["missing"]
+        except KeyError as key_error:
+            raise RuntimeError("a bug in the pool") from key_error
+    except RuntimeError as bug:
+        exc = bug
+    with pytest.raises(Exception) as info:
+        mdspy.LM("fake", pool=FailingPool(exc), num_retries=0, cache=False)("hello")
+    chain, error = [], info.value
+    while error is not None and len(chain) < 5:
+        chain.append(error)
+        error = error.__cause__
+    assert exc in chain and isinstance(exc.__cause__, KeyError)
+
+
 def test_context_window_error_through_a_program():
     lm = mdspy.LM("fake", pool=FailingPool(errors.ContextWindowExceededError("too long")))
     with dspy.context(lm=lm), pytest.raises(ContextWindowExceededError):
@@ -671,3 +690,24 @@ def test_hf_json_adapter_answers_capitals_with_no_parse_errors():
     assert out["total"] == 20
     assert out["parse_errors"] == 0
     assert out["correct"] >= 1 and out["score"] > 0
+
+
+@hf
+@pytest.mark.timeout(300)
+def test_a_program_on_a_borrowed_pool_loads_where_that_pool_is_not(tmp_path, monkeypatch, no_child_left):
+    # LM("my-name", pool=pool): the saved program must start the pool's model elsewhere, not one
+    # named as the LM is (which no engine can load); responses still carry the LM's name.
+    with mpdp.Pool(engine="hf", num_workers=1) as pool:
+        program = dspy.Predict("question -> answer")
+        program.set_lm(mdspy.LM("my-name", pool=pool, max_tokens=3, cache=False))
+        path = tmp_path / "borrowed.json"
+        program.save(str(path))
+    monkeypatch.setattr(mdspy.PoolHandle, "_live", __import__("weakref").WeakValueDictionary())  # "another process"
+    loaded = dspy.Predict("question -> answer")
+    loaded.load(str(path), allow_unsafe_lm_state=True)
+    try:
+        assert loaded.lm.model == "my-name" and not loaded.lm.pool_started
+        assert isinstance(loaded.lm("Say hi.")[0], str)
+        assert loaded.lm.history[-1]["response"].model == "my-name"
+    finally:
+        loaded.lm.close()

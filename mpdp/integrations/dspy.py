@@ -188,12 +188,13 @@ def _restore_handle(key: str, config: dict) -> PoolHandle:
 
 
 def config_of_pool(pool: Any, model: str | None = None) -> PoolConfig:
-    """The PoolConfig of a pool someone else started (for saving an LM that borrows it), under
-    the LM's model name where it gives one (the name its responses carry)."""
+    """The PoolConfig of a pool someone else started (for saving an LM that borrows it). Its model
+    stays the pool's: a loader elsewhere starts that one (the LM's own name, which its responses
+    carry, is the engine's ``name``); ``model`` names only a pool that has no config."""
     config = getattr(pool, "config", None)
     if isinstance(config, PoolConfig):
-        return PoolConfig.from_dict({**config.to_dict(), **({"model": model} if model else {})})
-    return PoolConfig(model=model or getattr(pool, "model", None) or DEFAULT_MODEL,
+        return PoolConfig.from_dict(config.to_dict())     # a copy: the LM's record is its own
+    return PoolConfig(model=getattr(pool, "model", None) or model or DEFAULT_MODEL,
                       engine=getattr(pool, "engine", None), num_workers=getattr(pool, "num_workers", None),
                       sampling=dict(getattr(pool, "defaults", None) or {}))
 
@@ -364,10 +365,15 @@ _LM15_ERRORS = {} if lm15 is None else {
 
 
 def lm15_error(exc: BaseException, what: str) -> BaseException:
-    """The lm15 error DSPy projects to the right public error (mpdp's stays as ``__cause__``);
-    an error that is not a request's (a bug) stays itself."""
+    """The lm15 error DSPy projects to the right public error, with mpdp's as ``__cause__``;
+    an error that is not a request's (a bug) stays itself, its own cause untouched (raise the
+    result without ``from``: ``raise exc from exc`` would make it its own cause)."""
     cls = _LM15_ERRORS.get(errors.classify(exc).kind)
-    return exc if cls is None else cls(f"{what}: {type(exc).__name__}: {exc}", provider=PROVIDER)
+    if cls is None:
+        return exc
+    error = cls(f"{what}: {type(exc).__name__}: {exc}", provider=PROVIDER)
+    error.__cause__ = exc
+    return error
 
 
 # ─── The engines ─────────────────────────────────────────────────────────────
@@ -383,7 +389,7 @@ class _EngineBase:
 
     def __init__(self, pool: Any = None, *, config: PoolConfig | None = None, handle: PoolHandle | None = None,
                  keep_reasoning: bool = False, request_timeout: float | None = None,
-                 reasoning_tags: tuple[str, str] = ("<think>", "</think>")):
+                 reasoning_tags: tuple[str, str] = ("<think>", "</think>"), name: str | None = None):
         if handle is None:
             if config is None:
                 config = config_of_pool(pool) if pool is not None else PoolConfig()
@@ -392,6 +398,7 @@ class _EngineBase:
         self.keep_reasoning = bool(keep_reasoning)
         self.request_timeout = request_timeout
         self.reasoning_tags = tuple(reasoning_tags)
+        self.name = name       # the LM's model name, where it is not the pool's (an LM on a borrowed pool)
 
     @property
     def supports_reasoning(self) -> bool:
@@ -405,7 +412,7 @@ class _EngineBase:
 
     @property
     def model(self) -> str:
-        return self.handle.config.model
+        return self.name or self.handle.config.model
 
     def _pool(self):
         """The pool, started if need be; failures as the lm15 errors DSPy reports without retrying."""
@@ -414,7 +421,7 @@ class _EngineBase:
         except ImportError:
             raise                            # a missing engine package stays an ImportError
         except errors.MpdpError as exc:      # closed, or no worker could start
-            raise lm15_error(exc, "the mpdp pool is unavailable") from exc
+            raise lm15_error(exc, "the mpdp pool is unavailable")
         except Exception as exc:             # a bad configuration (the pool's ValueError/TypeError)
             raise lm15.ConfigurationError(f"the mpdp pool could not start: {type(exc).__name__}: {exc}",
                                           provider=PROVIDER) from exc
@@ -429,7 +436,7 @@ class _EngineBase:
         try:
             return pool.submit(messages=messages, timeout=self.request_timeout, **sampling)
         except Exception as exc:
-            raise lm15_error(exc, "the mpdp pool refused the request") from exc
+            raise lm15_error(exc, "the mpdp pool refused the request")
 
     def _response(self, completion) -> Response:
         return completion_response(completion, self.model, keep_reasoning=self.keep_reasoning,
@@ -439,7 +446,7 @@ class _EngineBase:
     def dump_state(self) -> dict[str, Any]:
         return {"key": self.handle.key, "config": self.handle.config.to_dict(),
                 "keep_reasoning": self.keep_reasoning, "request_timeout": self.request_timeout,
-                "reasoning_tags": list(self.reasoning_tags)}
+                "reasoning_tags": list(self.reasoning_tags), "name": self.name}
 
     @classmethod
     def load_state(cls, state: dict[str, Any]):
@@ -447,7 +454,8 @@ class _EngineBase:
         handle = PoolHandle.restore(state["key"], PoolConfig.from_dict(saved))
         return cls(handle=handle, keep_reasoning=state.get("keep_reasoning", False),
                    request_timeout=state.get("request_timeout"),
-                   reasoning_tags=tuple(state.get("reasoning_tags") or ("<think>", "</think>")))
+                   reasoning_tags=tuple(state.get("reasoning_tags") or ("<think>", "</think>")),
+                   name=state.get("name"))
 
     def __deepcopy__(self, memo):
         return self                        # stateless around the shared handle
@@ -467,7 +475,7 @@ class MpdpEngine(_EngineBase):
         try:
             completion = future.result()
         except Exception as exc:
-            raise lm15_error(exc, "the mpdp request failed") from exc
+            raise lm15_error(exc, "the mpdp request failed")
         return self._response(completion)
 
     def stream(self, request: Request):
@@ -480,7 +488,8 @@ class MpdpEngine(_EngineBase):
     def async_engine(self) -> "AsyncMpdpEngine":
         """The async counterpart on the same pool."""
         return AsyncMpdpEngine(handle=self.handle, keep_reasoning=self.keep_reasoning,
-                               request_timeout=self.request_timeout, reasoning_tags=self.reasoning_tags)
+                               request_timeout=self.request_timeout, reasoning_tags=self.reasoning_tags,
+                               name=self.name)
 
 
 class AsyncMpdpEngine(_EngineBase):
@@ -493,7 +502,7 @@ class AsyncMpdpEngine(_EngineBase):
         try:
             completion = await asyncio.wrap_future(future)   # cancelling the task aborts the request
         except Exception as exc:
-            raise lm15_error(exc, "the mpdp request failed") from exc
+            raise lm15_error(exc, "the mpdp request failed")
         return self._response(completion)
 
     async def stream(self, request: Request):
@@ -551,13 +560,15 @@ class LM(dspy.LM):
                     raise TypeError(f"with pool=, {', '.join(given)} belong to the pool itself")
                 pool_config = config_of_pool(pool, model)
                 kwargs = {k: v for k, v in kwargs.items() if k in DSPY_CARRIED | DSPY_LM_KEYWORDS}
+                name = model
             else:
                 # Pool settings (PoolConfig fields) and the pool's sampling defaults, checked now:
                 # an unknown keyword fails here, not at the first call.
                 pool_config, kwargs = lm_config(model, engine, config, kwargs, DSPY_CARRIED | DSPY_LM_KEYWORDS)
+                name = None        # the LM's model is the pool's
             model = model or pool_config.model
             sync_engine = MpdpEngine(pool, config=pool_config, keep_reasoning=keep_reasoning,
-                                     request_timeout=request_timeout)
+                                     request_timeout=request_timeout, name=name)
             async_engine = sync_engine.async_engine()
         temperature, max_tokens = resolve_defaults(sync_engine.handle.engine_name, temperature, max_tokens)
         super().__init__(model=model, model_type=model_type, temperature=temperature, max_tokens=max_tokens,
