@@ -251,6 +251,18 @@ def test_sampling_reaches_the_pool_and_n_fans_out(echo_pool):
     assert lm("xyz", stop=["y"], seed=1, top_p=0.9, top_k=5) == ["x"]     # the echo engine honours stop
 
 
+def test_max_tokens_context_is_taken_as_every_door_takes_it(no_child_left):
+    # DSPy's Request carries max_tokens as an int: "context" becomes the LM's pool's default.
+    lm = mdspy.LM(engine="echo", num_workers=1, max_tokens="context", cache=False)
+    try:
+        assert lm("x" * 3000) == ["x" * 3000]              # the echo engine's whole prompt, not 2048
+        assert lm("abcdef", max_tokens=2) == ["ab"]         # a call's own value still wins
+    finally:
+        lm.close()
+    with pytest.raises(TypeError, match="context"):
+        mdspy.LM(pool=FailingPool(RuntimeError()), max_tokens="context")
+
+
 def test_explicit_request_and_stream(echo_lm):
     from dspy.lm15 import Message, Request
 

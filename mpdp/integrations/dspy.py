@@ -47,7 +47,7 @@ from typing import Any
 import dspy
 
 from mpdp import errors
-from mpdp.config import DEFAULT_MODEL, POOL_FIELDS, SAMPLING, PoolConfig, config_with, split_settings
+from mpdp.config import DEFAULT_MODEL, POOL_FIELDS, SAMPLING, TO_CONTEXT, PoolConfig, config_with, split_settings
 from mpdp.defaults import sampling_defaults
 from mpdp.openai_api.response import finish_reason
 
@@ -530,7 +530,8 @@ class LM(dspy.LM):
     model's own temperature and 2048 tokens elsewhere (:func:`dspy_defaults` says why). Sampling
     keywords DSPy carries (temperature, max_tokens, top_p, top_k, stop, seed, penalties,
     logprobs, response_format) are DSPy defaults, part of its cache key and overridable per call;
-    others (ignore_eos, chat_template_kwargs) become the pool's defaults.
+    others (ignore_eos, chat_template_kwargs) become the pool's defaults, and so does
+    ``max_tokens="context"`` (DSPy's requests carry an int; a call's own max_tokens still wins).
 
     Nothing starts until the first call. Save a program holding this LM as usual; load it with
     ``allow_unsafe_lm_state=True`` (DSPy's gate for any LM class outside DSPy): the loaded LM
@@ -553,6 +554,13 @@ class LM(dspy.LM):
                 raise TypeError(f"engine names the pool's engine ('vllm', 'hf', 'echo'), not "
                                 f"{type(engine).__name__}; for an engine object use "
                                 "dspy.LM(model, engine=..., async_engine=...)")
+            if max_tokens == TO_CONTEXT:
+                # DSPy's Request carries max_tokens as an int: "up to the context" is the pool's default.
+                if pool is not None:
+                    raise TypeError("max_tokens='context' cannot travel in DSPy's requests: with pool=, make it "
+                                    "the pool's default (Pool(max_tokens='context')) and give this LM "
+                                    "max_tokens=None")
+                kwargs["max_tokens"], max_tokens = TO_CONTEXT, None
             if pool is not None:
                 given = [k for k, v in kwargs.items() if v is not None and k not in DSPY_CARRIED | DSPY_LM_KEYWORDS]
                 given = (["engine"] if engine is not None else []) + (["config"] if config else []) + given
