@@ -443,12 +443,18 @@ class RayWorker(WorkerHandle):
             try:
                 return self._await(self.actor.start.remote(self.spec.to_json()), stop=None)
             except ray.exceptions.RayActorError as exc:
-                if attempt + 1 == START_ATTEMPTS or self._kill_at is not None:
+                # Only a death (not "unavailable for now", which may come back having started the
+                # worker), only while nobody asked it to stop and Ray is still there.
+                if (attempt + 1 == START_ATTEMPTS or self._kill_at is not None or self._released
+                        or not isinstance(exc, ray.exceptions.ActorDiedError) or not ray.is_initialized()):
                     raise
                 log.warning("mpdp: worker %d's Ray actor was lost before it started the worker (%s); "
                             "placing it again", self.spec.index, _first_lines(exc, 1))
                 self._drop()
                 self._place(attempt + 1)
+                if self._released:          # released (the pool closing) while it was placed
+                    self._drop()
+                    return None
         return None
 
     def _await(self, ref, stop):
@@ -457,7 +463,7 @@ class RayWorker(WorkerHandle):
         stopped = False
         while True:
             if not ray.is_initialized():     # Ray was shut down under the pool: nothing to watch
-                raise ray.exceptions.RayActorError("Ray was shut down in this process")
+                raise ray.exceptions.RayActorError(error_msg="Ray was shut down in this process")
             ready, _ = ray.wait([ref], timeout=WATCH_POLL_S)
             if ready:
                 return ray.get(ready[0])
