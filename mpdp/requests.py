@@ -74,7 +74,7 @@ def _check_messages(messages: Any) -> list[dict[str, Any]]:
         if isinstance(content, list):   # OpenAI content parts: keep the text ones
             if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
                 raise ValueError(f"messages[{i}].content parts must all be of type 'text'")
-            content = "".join(p.get("text", "") for p in content)
+            content = "\n".join(p.get("text", "") for p in content)   # as vLLM's server joins them
         if content is None:
             raise ValueError(f"messages[{i}] has no 'content'")
         if not isinstance(content, str):

@@ -108,3 +108,20 @@ def test_token_ids_refused_later_name_the_clients_field(prompt):
     with pytest.raises(errors.InvalidRequest) as info:          # negative: refused by the parser, every door
         parsing.parse({"prompt": prompt}, parsing.COMPLETION, ["m"])
     assert info.value.param == "prompt"
+
+
+@pytest.mark.filterwarnings("ignore:Passing OpenAI-style message:DeprecationWarning")   # DSPy 3.4's own
+def test_text_content_parts_are_joined_alike_at_every_door(make_pool):
+    """[{"type": "text", "text": "a"}, {"type": "text", "text": "b"}] is "a\\nb" (as vLLM's server
+    joins them) through Pool.submit, the OpenAI layer and DSPy; it was "ab" through the first two."""
+    import mpdp
+
+    parts = [{"type": "text", "text": "first part"}, {"type": "text", "text": "second part"}]
+    pool = make_pool(num_workers=1)
+    direct = pool.submit(messages=[{"role": "user", "content": parts}], max_tokens=64).result(timeout=60).text
+    calls = parsing.parse({"model": "m", "messages": [{"role": "user", "content": parts}], "max_tokens": 64},
+                          parsing.CHAT, ["m"]).pool_calls()
+    via_api = pool.submit(**calls[0]).result(timeout=60).text
+    lm = mpdp.dspy.LM(pool=pool, cache=False, max_tokens=64)
+    via_dspy = lm(messages=[{"role": "user", "content": parts}])[0]
+    assert direct == via_api == via_dspy == "first part\nsecond part"
