@@ -300,3 +300,29 @@ def test_two_workers_sharing_a_gpu_start_one_after_another_and_get_alike_caches(
     assert all(w["kv_events_live"] for w in workers), workers
     assert sum(w["predicted_exact"] for w in workers) >= 5, workers
     assert min(caches) > 0.5 * max(caches), caches         # not 1.87M against 38k
+
+
+def test_a_stream_whose_worker_dies_continues_on_the_other_with_every_character_once(model_dir):
+    """SIGKILL the vLLM worker in the middle of a stream: the other worker goes on from the
+    tokens already streamed (they join the prompt), the consumer gets each character once, and
+    the request makes all of its max_tokens, not max_tokens more."""
+    import signal
+
+    import mpdp
+
+    with mpdp.Pool(model=model_dir, engine="vllm", gpus=[0, 0], engine_options=OPTIONS, routing="least_loaded",
+                   worker_logs="inherit") as p:
+        s = p.stream(prompt_token_ids=_ids(32), max_tokens=600, temperature=0.0, ignore_eos=True)
+        got, killed = "", None
+        for d in s:
+            got += d.texts[0]
+            if killed is None and d.completion_tokens >= 40:
+                (w,) = [w for w in p.stats()["workers"] if w["in_flight"]]
+                os.kill(w["pid"], signal.SIGKILL)
+                killed = w["index"]
+        res = s.result(timeout=120)
+        after = p.submit(prompt_token_ids=_ids(8), max_tokens=4, ignore_eos=True).result(timeout=120)
+    assert killed is not None and res.worker != killed
+    assert got == res.text and len(got) > 0
+    assert res.completion_tokens == 600 and res.finish_reason == "length"
+    assert after.completion_tokens == 4

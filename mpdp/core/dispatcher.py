@@ -109,7 +109,7 @@ class Dispatcher:
     def __init__(self, supervisor_factory, transport: Transport, scheduler: Scheduler, admission: Admission, *,
                  heartbeat_interval: float, heartbeat_timeout: float, ready_timeout: float,
                  shutdown_timeout: float, step_timeout: float | None = None,
-                 batch_limits: BatchLimits | None = None, continue_streams: bool = False):
+                 batch_limits: BatchLimits | None = None, continue_streams=None):
         self.transport = transport
         self.batch_limits = batch_limits or BatchLimits("off")   # each worker's credit (core/batch_limits.py)
         self.scheduler = scheduler
@@ -119,7 +119,8 @@ class Dispatcher:
         self.step_timeout = step_timeout         # None: each engine's own (from READY)
         self.ready_timeout = ready_timeout
         self.shutdown_timeout = shutdown_timeout
-        self.continue_streams = continue_streams   # the engine takes EngineRequest.continuation
+        # The engine's cannot_continue where it takes EngineRequest.continuation, else None.
+        self.continue_streams = continue_streams
         self.start_error: BaseException | None = None
         self.ready = threading.Event()           # set once every worker is READY, or start failed
         self.stopped = threading.Event()

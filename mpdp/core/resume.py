@@ -59,13 +59,14 @@ class Delivered:
         return [[list(t), c] for t, c in zip(self.tokens, self.chars)]
 
 
-def why_not(request: EngineRequest, delivered: Delivered, engine_continues: bool) -> str | None:
-    """Why this stream cannot continue from what it delivered, or None when it can."""
-    if not engine_continues:
+def why_not(request: EngineRequest, delivered: Delivered, engine_check) -> str | None:
+    """Why this stream cannot continue from what it delivered, or None when it can.
+    ``engine_check``: the engine's ``cannot_continue`` (None: it continues no stream)."""
+    if engine_check is None:
         return "its engine cannot continue a stream from the tokens already delivered"
     if request.params.get("logprobs") is not None:
         return ("it asked for logprobs, and those of the tokens already streamed died with the worker "
                 "(they come with a stream's last piece)")
     if any(c and not t for t, c in zip(delivered.tokens, delivered.chars)):
         return "its engine streamed text without the token ids it covers"
-    return None
+    return engine_check(request.params or {})

@@ -21,6 +21,11 @@ advertises (default: the scheduler's max_num_seqs plus an eighth, at least 32 mo
 ``kv_events``, set by the pool for cache-aware routing: "ipc" (a local worker) or "tcp" (a
 worker on another node) turns on vLLM's KV-cache event publisher, announced in READY
 (``mpdp/core/kv_events.py``).
+A streamed request whose worker died arrives here with a ``continuation`` (``_resumed``): its
+streamed token ids join the prompt, so vLLM decodes what follows in their context; its text not
+yet delivered goes out first, and the final text is whole. One choice, no grammar
+(``cannot_continue``); a stop string across the seam is not seen, and presence/frequency
+penalties count the streamed tokens as prompt.
 ``seed`` (default 0) is offset by the worker index, so that workers do not draw the same
 random numbers (unseeded requests at temperature > 0 would otherwise repeat across workers).
 """
@@ -69,6 +74,18 @@ class VLLMEngine(Engine):
         fields = _engine_args_fields()
         return None if fields is None else (fields - {"model"}) | _OWN_OPTIONS
     batch_limit_default = "adaptive"  # past the largest CUDA graph, more sequences make fewer tokens/s
+    # A stream whose worker died goes on here from the tokens it delivered (they join the prompt;
+    # see _resumed): one choice, no grammar (vLLM's structured output cannot start mid-answer).
+    continues_streams = True
+
+    @classmethod
+    def cannot_continue(cls, params: dict[str, Any]) -> str | None:
+        if (params.get("n") or 1) > 1:
+            return "the vllm engine continues a stream of one choice only (this one has n > 1)"
+        fmt = params.get("response_format")
+        if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+            return "the vllm engine cannot resume a response_format grammar in the middle of an answer"
+        return None
 
     def __init__(self, model: str, options: dict[str, Any], placement: WorkerPlacement):
         super().__init__(model, options, placement)
@@ -124,6 +141,7 @@ class VLLMEngine(Engine):
         self._defaults = dict(config.model_config.get_diff_sampling_param())
         self._live: dict[str, int] = {}   # vLLM request id (str) -> mpdp request id, until returned
         self._streams: dict[str, "_Accumulated"] = {}   # the streamed ones among them
+        self._ready: list[EngineResult] = []             # finished without vLLM (see add)
         print(f"mpdp vllm worker {placement.index}: gpus {placement.gpus or 'inherited'}, "
               f"max_model_len {self._max_model_len}, max_num_seqs {self.max_num_seqs}, "
               f"kv cache {self.kv_cache_tokens} tokens, capacity {self._capacity}", flush=True)
@@ -142,10 +160,18 @@ class VLLMEngine(Engine):
         if rid in self._live:
             raise ValueError(f"request {request.id} is already in flight on this worker")
         params = request.params or {}
+        head = None
         with _request_errors():
             token_ids = self._prompt_token_ids(request, params.get("chat_template_kwargs"))
+            prompt_tokens = len(token_ids)
+            if request.continuation is not None:
+                head = self._resumed(request.continuation, token_ids, params)
+                if head.finish is not None:        # it had ended with the last token it streamed
+                    self._ready.append(head.result(request.id, prompt_tokens))
+                    return
+                token_ids = token_ids + head.ids
             sampling = self._sampling_params(params, stream=request.stream,
-                                             room=self._max_model_len - len(token_ids))
+                                             room=self._max_model_len - len(token_ids), done=head.count if head else 0)
         if len(token_ids) >= self._max_model_len:
             raise ContextWindowExceeded(
                 f"the prompt has {len(token_ids)} tokens but the model's context window is "
@@ -160,12 +186,14 @@ class VLLMEngine(Engine):
         if sampling.logprobs is not None:
             self._top_k[rid] = sampling.logprobs
         if request.stream:
-            self._streams[rid] = _Accumulated(len(token_ids), self._records_of(rid))
+            self._streams[rid] = _Accumulated(prompt_tokens, self._records_of(rid), head)
 
     def step(self) -> list[EngineResult]:
-        if not self._live:
-            return []
         results: list[EngineResult] = []
+        if self._ready:                        # continuations that had nothing left to generate
+            results, self._ready = self._ready, []
+        if not self._live:
+            return results
         if self._engine.has_unfinished_requests():
             for out in self._engine.step():
                 acc = self._streams.get(out.request_id)
@@ -212,6 +240,9 @@ class VLLMEngine(Engine):
         core.get_output = counted_get_output
 
     def abort(self, request_ids: list[int]) -> None:
+        if self._ready:
+            gone = set(request_ids)
+            self._ready = [r for r in self._ready if r.id not in gone]
         ids = [rid for rid in map(str, request_ids) if self._live.pop(rid, None) is not None]
         for rid in ids:
             self._streams.pop(rid, None)
@@ -220,7 +251,7 @@ class VLLMEngine(Engine):
             self._engine.abort_request(ids)
 
     def has_unfinished(self) -> bool:
-        return bool(self._live)
+        return bool(self._live or self._ready)
 
     def _records_of(self, rid: str):
         """choice -> its ``engines.logprobs`` records, for a request that asked for logprobs."""
@@ -250,7 +281,7 @@ class VLLMEngine(Engine):
                 cleanup_dist_env_and_memory()
 
     # -- requests -> vLLM ------------------------------------------------------------------------
-    def _sampling_params(self, params: dict[str, Any], stream: bool = False, room: int = 1):
+    def _sampling_params(self, params: dict[str, Any], stream: bool = False, room: int = 1, done: int = 0):
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
         fields = dict(self._defaults)
@@ -264,6 +295,10 @@ class VLLMEngine(Engine):
                 raise ValueError(f"the vllm engine does not support the sampling parameter {key!r}")
         if fields.get("max_tokens") == TO_CONTEXT:   # what vLLM's None means: until the context is full
             fields["max_tokens"] = max(1, room)
+        elif done:                             # a continuation: its streamed tokens counted
+            fields["max_tokens"] = max(1, fields.get("max_tokens", _VLLM_MAX_TOKENS) - done)
+        if done and fields.get("min_tokens"):
+            fields["min_tokens"] = max(0, fields["min_tokens"] - done)
         if fields.get("logprobs") is True:     # OpenAI-style boolean: the chosen token only
             fields["logprobs"] = 0
         elif fields.get("logprobs") is False:
@@ -284,6 +319,32 @@ class VLLMEngine(Engine):
         if request.messages is not None:
             return self._chat_token_ids(request.messages, chat_template_kwargs or {})
         raise ValueError("the request has no prompt, messages or prompt_token_ids")
+
+    def _resumed(self, continuation: list, prompt_ids: list[int], params: dict[str, Any]) -> "_Head":
+        """A stream sent again after its worker died: the tokens it streamed join the prompt, so
+        vLLM decodes what follows in their context (no spurious space or merged word at the seam).
+        Their text is decoded here the way the streamed text was (in the prompt's context), so
+        the part not yet delivered (held back with a partial character or a possible stop
+        string) goes out first and the final text is whole."""
+        if len(continuation) != 1:
+            raise ValueError(f"the vllm engine continues one choice, this continuation has {len(continuation)}")
+        ((ids, sent),) = continuation
+        ids = list(ids)
+        if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in ids):
+            raise ValueError("the continuation's token ids must be non-negative ints")
+        decode = functools.partial(self._tokenizer.decode, skip_special_tokens=params.get("skip_special_tokens", True))
+        context = prompt_ids[-_SEAM_CONTEXT:]
+        before, whole = decode(context), decode(context + ids)
+        text = whole[len(before):] if whole.startswith(before) else decode(ids)
+        finish = None
+        limit = params.get("max_tokens", self._defaults.get("max_tokens", _VLLM_MAX_TOKENS))
+        if limit == TO_CONTEXT:
+            limit = self._max_model_len - len(prompt_ids)
+        if len(ids) >= limit or len(prompt_ids) + len(ids) >= self._max_model_len:
+            finish = "length"
+        elif ids and not params.get("ignore_eos") and ids[-1] == self._tokenizer.eos_token_id:
+            finish = "stop"
+        return _Head(ids, text, text[sent:], finish)
 
     def _chat_token_ids(self, messages: list[dict[str, Any]], chat_template_kwargs: dict) -> list[int]:
         """The model's chat template over ``messages``, as ``LLM.chat`` applies it."""
@@ -511,21 +572,49 @@ def _result(request_id: int, out, records) -> EngineResult:
     )
 
 
-class _Accumulated:
-    """A streamed request's text so far, per choice: DELTA outputs carry only what is new."""
+_VLLM_MAX_TOKENS = 16      # SamplingParams' own default, where neither the request nor the model says
+_SEAM_CONTEXT = 8          # prompt tokens a continuation's streamed tokens are decoded after
 
-    def __init__(self, prompt_tokens: int, records):
+
+@dataclasses.dataclass(slots=True)
+class _Head:
+    """What a continued stream had generated: its token ids, their text, the part of that text
+    not yet delivered, and its finish reason where it had already ended."""
+
+    ids: list[int]
+    text: str
+    owed: str
+    finish: str | None
+
+    @property
+    def count(self) -> int:
+        return len(self.ids)
+
+    def result(self, request_id: int, prompt_tokens: int) -> EngineResult:
+        return EngineResult(id=request_id, texts=[self.text], finish_reasons=[self.finish],
+                            prompt_tokens=prompt_tokens, completion_tokens=len(self.ids))
+
+
+class _Accumulated:
+    """A streamed request's text so far, per choice: DELTA outputs carry only what is new. A
+    continuation starts from its ``_Head``: its text and tokens, the owed part sent first."""
+
+    def __init__(self, prompt_tokens: int, records, head: _Head | None = None):
         self.prompt_tokens, self.records = prompt_tokens, records
         self.cached_tokens: int | None = None
         self.texts: dict[int, list[str]] = {}
         self.tokens: dict[int, int] = {}
         self.reasons: dict[int, str] = {}
         self.logprobs: dict[int, list] = {}
+        self.owed = ""
+        if head is not None:
+            self.texts[0], self.tokens[0], self.owed = [head.text], head.count, head.owed
 
     def add(self, out) -> None:
         cached = _cached_tokens(out)
         if cached is not None:             # set once the prompt is scheduled; kept from then on
-            self.cached_tokens = cached
+            # (a continuation's prompt holds its streamed tokens: only the prompt's own count)
+            self.cached_tokens = min(cached, self.prompt_tokens)
         for c in out.outputs:
             self.texts.setdefault(c.index, []).append(c.text)
             self.tokens[c.index] = self.tokens.get(c.index, 0) + len(c.token_ids)
@@ -537,9 +626,13 @@ class _Accumulated:
     def partial(self, request_id: int, out) -> EngineResult:
         n = max(self.texts) + 1 if self.texts else 1
         new = {c.index: c.text for c in out.outputs}
+        if self.owed:
+            new[0], self.owed = self.owed + new.get(0, ""), ""
+        ids = {c.index: list(c.token_ids) for c in out.outputs}
         return EngineResult(id=request_id, texts=[new.get(i, "") for i in range(n)],
                             finish_reasons=[""] * n, prompt_tokens=self.prompt_tokens,
-                            completion_tokens=sum(self.tokens.values()), finished=False)
+                            completion_tokens=sum(self.tokens.values()), finished=False,
+                            token_ids=[ids.get(i, []) for i in range(n)])
 
     def final(self, request_id: int, out) -> EngineResult:
         if "error" in self.reasons.values():
