@@ -42,7 +42,7 @@ from mpdp.engines.base import EngineResult
 from mpdp.gcpause import gc_paused
 from mpdp.launch import make_launcher
 from mpdp.launch.local import visible_gpus
-from mpdp.requests import Completion, build_request, estimate_cost
+from mpdp.requests import Completion, build_request, check_timeout, estimate_cost
 from mpdp.routing import Scheduler, Ticket, make_policy
 from mpdp.wire.transport import Transport
 
@@ -322,9 +322,7 @@ class Pool:
         return merged
 
     def _entry(self, prompt, messages, ids, params, timeout, stream: bool = False) -> Entry:
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                    or not timeout > 0):
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        check_timeout(timeout)
         request = build_request(0, prompt, messages, ids, params)   # the id is given in _post
         request.stream = stream
         return Entry(request, PoolFuture(0, self._dispatcher.cancel),

@@ -83,6 +83,13 @@ def _check_messages(messages: Any) -> list[dict[str, Any]]:
     return out
 
 
+def check_timeout(timeout: Any) -> None:
+    """A request's own ``timeout``: None or a positive number of seconds (every door asks this)."""
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not timeout > 0):
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+
+
 def build_request(request_id: int, prompt: Any, messages: Any, prompt_token_ids: Any,
                   params: dict[str, Any]) -> EngineRequest:
     """An EngineRequest from caller input, or ValueError/TypeError naming the bad field."""

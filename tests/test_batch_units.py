@@ -78,6 +78,7 @@ def test_a_first_line_without_custom_id_is_refused_for_that():
     ({"id": "a"}, formats.SIMPLE, "prompt", "none of prompt"),
     ({"id": "a", "prompt": "x", "temperature": -1}, formats.SIMPLE, "temperature", "temperature must be >= 0"),
     ({"id": "a", "prompt": "x", "max_tokens": "ten"}, formats.SIMPLE, "max_tokens", "max_tokens must be an int"),
+    ({"id": "a", "prompt": "x", "timeout": -1}, formats.SIMPLE, "timeout", "timeout must be a positive number"),
     ({**chat_line("a"), "method": "GET"}, formats.OPENAI, "method", "method must be POST"),
     ({**chat_line("a"), "url": "/bad_url"}, formats.OPENAI, "url", "url '/bad_url' is not served"),
     ({"custom_id": "a", "method": "POST", "url": formats.CHAT_URL, "body": {"prompt": "x"}}, formats.OPENAI,

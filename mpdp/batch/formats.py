@@ -34,7 +34,7 @@ from mpdp import errors
 from mpdp.config import SAMPLING, check_sampling
 from mpdp.openai_api import request as parsing
 from mpdp.openai_api import response as shapes
-from mpdp.requests import build_request
+from mpdp.requests import build_request, check_timeout
 
 SIMPLE, OPENAI = "simple", "openai"
 CHAT_URL, COMPLETIONS_URL = "/v1/chat/completions", "/v1/completions"
@@ -146,6 +146,7 @@ def _parse_simple(obj: dict, lineno: int, rules: Rules) -> Item:
             raise errors.InvalidRequest("the line has none of prompt, messages or prompt_token_ids", "prompt")
         sampling = {k: v for k, v in request.items() if k in SAMPLING}
         check_sampling(sampling)
+        check_timeout(request.get("timeout"))        # as Pool.submit would, before any worker starts
         _check_call(request, sampling, rules)
     except (ValueError, TypeError) as exc:
         return Item(item_id, SIMPLE, None, error=exc, carry=carry)
