@@ -11,7 +11,8 @@ one the release was built against (vLLM 0.27 - 0.32: torch 2.13, the CPU build C
    own, without its compiled extensions (no kernel runs here), beside the few light packages its
    modules import that this environment lacks (installed ``--no-deps --target``, at the versions
    the wheel asks for). Nothing is installed into this environment. Cached per version under
-   ``$MPDP_VLLM_CHECK_DIR`` (default ``~/.cache/mpdp/vllm-check``).
+   ``$MPDP_VLLM_CHECK_DIR`` (default ``~/.cache/mpdp/vllm-check``); a later run from another
+   environment (a venv) adds to the folder what that one lacks.
 2. a child interpreter with those folders first on its path and vLLM's CPU platform (a platform
    plugin names it) builds mpdp's ``VLLMEngine`` for real on the embedded model --
    EngineArgs, ``create_engine_config``, the renderer, the input processor -- with only
@@ -62,6 +63,9 @@ def prepare(version: str, root: Path) -> list[Path]:
     home = root / version
     site, deps, done = home / "site", home / "deps", home / "ready"
     if done.is_file():
+        # Prepared before, maybe by another environment (a venv lacking a light package the
+        # first one had): what this one lacks joins the folder now.
+        _install_light_deps(_installed_metadata(site), deps)
         _write_platform_plugin(deps)
         return [site, deps]
     wheels = home / "wheel"
@@ -104,6 +108,12 @@ def _metadata(wheel: zipfile.ZipFile) -> list[str]:
     return wheel.read(name).decode().splitlines()
 
 
+def _installed_metadata(site: Path) -> list[str]:
+    """The unpacked release's own METADATA (its dist-info came out of the wheel with it)."""
+    found = sorted(site.glob("vllm-*.dist-info/METADATA"))
+    return found[0].read_text().splitlines() if found else []
+
+
 def _python_fits(metadata: list[str], version: str) -> None:
     from pip._vendor.packaging.specifiers import SpecifierSet
 
@@ -117,6 +127,7 @@ def _python_fits(metadata: list[str], version: str) -> None:
 
 def _install_light_deps(metadata: list[str], target: Path) -> None:
     import importlib.util
+    from importlib.machinery import PathFinder
 
     from pip._vendor.packaging.requirements import Requirement
     from pip._vendor.packaging.utils import canonicalize_name
@@ -129,7 +140,7 @@ def _install_light_deps(metadata: list[str], target: Path) -> None:
                 wanted[canonicalize_name(req.name)] = str(req.specifier)
     specs = []
     for module, names in LIGHT_DEPS:
-        if importlib.util.find_spec(module) is None:
+        if importlib.util.find_spec(module) is None and PathFinder.find_spec(module, [str(target)]) is None:
             dist = next((canonicalize_name(n) for n in names if canonicalize_name(n) in wanted), names[0])
             specs.append(f"{dist}{wanted.get(dist, '')}")
     if specs:
