@@ -59,6 +59,10 @@ def cluster():
     temp_dir = tempfile.mkdtemp(prefix="mpdp-ray-")
     saved["RAY_TMPDIR"] = os.environ.get("RAY_TMPDIR")
     os.environ["RAY_TMPDIR"] = temp_dir
+    # Ray's own processes (and the workers under them) make their temporary files there too: one
+    # of them leaves a multiprocessing "pymp-" folder behind when the cluster is shut down.
+    saved["TMPDIR"] = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = temp_dir
     node = NODE
     c = Cluster(initialize_head=True, head_node_args=dict(
         node, include_dashboard=True, dashboard_host=LOOPBACK, _system_config=FAST_HEALTH))
