@@ -126,7 +126,7 @@ class Pool:
                 ready_timeout=config.ready_timeout or engine_cls.ready_timeout,
                 shutdown_timeout=config.shutdown_timeout,
                 batch_limits=BatchLimits(batch_limits.resolve(config.batch_limit, engine_cls)),
-                continue_streams=engine_cls.cannot_continue if engine_cls.continues_streams else None)
+                cannot_continue=engine_cls.cannot_continue if engine_cls.continues_streams else None)
         except BaseException:          # a refused setting, an endpoint not bound: nothing may stay behind
             if remote is not None:
                 remote.close()

@@ -109,7 +109,7 @@ class Dispatcher:
     def __init__(self, supervisor_factory, transport: Transport, scheduler: Scheduler, admission: Admission, *,
                  heartbeat_interval: float, heartbeat_timeout: float, ready_timeout: float,
                  shutdown_timeout: float, step_timeout: float | None = None,
-                 batch_limits: BatchLimits | None = None, continue_streams=None):
+                 batch_limits: BatchLimits | None = None, cannot_continue=None):
         self.transport = transport
         self.batch_limits = batch_limits or BatchLimits("off")   # each worker's credit (core/batch_limits.py)
         self.scheduler = scheduler
@@ -120,7 +120,7 @@ class Dispatcher:
         self.ready_timeout = ready_timeout
         self.shutdown_timeout = shutdown_timeout
         # The engine's cannot_continue where it takes EngineRequest.continuation, else None.
-        self.continue_streams = continue_streams
+        self.cannot_continue = cannot_continue
         self.start_error: BaseException | None = None
         self.ready = threading.Event()           # set once every worker is READY, or start failed
         self.stopped = threading.Event()
@@ -497,7 +497,7 @@ class Dispatcher:
         """A stream that delivered text lost its worker: its retry continues from there (the
         scheduler already requeued it), or, where it cannot, the stream ends here."""
         delivered = entry.delivered
-        reason = why_not(entry.request, delivered, self.continue_streams)
+        reason = why_not(entry.request, delivered, self.cannot_continue)
         if reason is None:
             entry.request.continuation = delivered.continuation()
             return

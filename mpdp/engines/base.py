@@ -157,13 +157,7 @@ class Engine(abc.ABC):
     # Takes EngineRequest.continuation (and reports token_ids in partials): a stream whose worker
     # dies continues on another. Otherwise such a stream ends with StreamInterrupted.
     continues_streams: ClassVar[bool] = False
-
-    @classmethod
-    def cannot_continue(cls, params: dict[str, Any]) -> str | None:
-        """Why a stream with these sampling params cannot continue on this engine (None: it can).
-        Asked only where ``continues_streams`` is set."""
-        return None
-        # What PoolConfig.batch_limit="auto" means for it: "adaptive" only where it measured a gain.
+    # What PoolConfig.batch_limit="auto" means for it: "adaptive" only where it measured a gain.
     batch_limit_default: ClassVar[str] = "off"
     # The sampling keywords it honours (a subset of mpdp.config.SAMPLING); any other is refused
     # at submit, naming the engine.
@@ -175,6 +169,12 @@ class Engine(abc.ABC):
     def known_options(cls) -> frozenset[str] | None:
         """The option names this engine takes, found without importing its packages."""
         return cls.option_names
+
+    @classmethod
+    def cannot_continue(cls, params: dict[str, Any]) -> str | None:
+        """Why a stream with these sampling params cannot continue on this engine (None: it can).
+        Asked only where ``continues_streams`` is set."""
+        return None
 
     @classmethod
     def check_options(cls, options: dict[str, Any]) -> None:

@@ -296,7 +296,7 @@ class VLLMEngine(Engine):
         if fields.get("max_tokens") == TO_CONTEXT:   # what vLLM's None means: until the context is full
             fields["max_tokens"] = max(1, room)
         elif done:                             # a continuation: its streamed tokens counted
-            fields["max_tokens"] = max(1, fields.get("max_tokens", _VLLM_MAX_TOKENS) - done)
+            fields["max_tokens"] = max(1, self._max_tokens(params) - done)
         if done and fields.get("min_tokens"):
             fields["min_tokens"] = max(0, fields["min_tokens"] - done)
         if fields.get("logprobs") is True:     # OpenAI-style boolean: the chosen token only
@@ -320,6 +320,10 @@ class VLLMEngine(Engine):
             return self._chat_token_ids(request.messages, chat_template_kwargs or {})
         raise ValueError("the request has no prompt, messages or prompt_token_ids")
 
+    def _max_tokens(self, params: dict[str, Any]) -> int | str:
+        """The request's max_tokens, else the model's generation_config, else SamplingParams' own."""
+        return params.get("max_tokens", self._defaults.get("max_tokens", _VLLM_MAX_TOKENS))
+
     def _resumed(self, continuation: list, prompt_ids: list[int], params: dict[str, Any]) -> "_Head":
         """A stream sent again after its worker died: the tokens it streamed join the prompt, so
         vLLM decodes what follows in their context (no spurious space or merged word at the seam).
@@ -337,7 +341,7 @@ class VLLMEngine(Engine):
         before, whole = decode(context), decode(context + ids)
         text = whole[len(before):] if whole.startswith(before) else decode(ids)
         finish = None
-        limit = params.get("max_tokens", self._defaults.get("max_tokens", _VLLM_MAX_TOKENS))
+        limit = self._max_tokens(params)
         if limit == TO_CONTEXT:
             limit = self._max_model_len - len(prompt_ids)
         if len(ids) >= limit or len(prompt_ids) + len(ids) >= self._max_model_len:
