@@ -322,7 +322,8 @@ class Pool:
         return merged
 
     def _entry(self, prompt, messages, ids, params, timeout, stream: bool = False) -> Entry:
-        check_timeout(timeout)
+        if timeout is not None:              # the common case costs no call (once per request)
+            check_timeout(timeout)
         request = build_request(0, prompt, messages, ids, params)   # the id is given in _post
         request.stream = stream
         return Entry(request, PoolFuture(0, self._dispatcher.cancel),
