@@ -12,7 +12,9 @@ import sys
 import threading
 import time
 
-from bench.prefix import WORKLOADS, Text, add_workload_arguments, build, run_once
+from collections import Counter
+
+from bench.prefix import WORKLOADS, Text, add_workload_arguments, build, fresh, run_once
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POLICIES = {"least_loaded", "prefix_affinity", "cache_aware"}
@@ -61,6 +63,33 @@ def test_echo_smoke_run_covers_every_workload_and_policy(tmp_path, no_child_left
     least = [r for r in result["runs"] if r["workload"] == "docqa" and r["policy"] == "least_loaded"]
     assert any(r["spread"]["moves"] > 0 for r in least)           # by load alone, documents move
     assert "not reachable" in result["vllm_hit_rate_source"]      # echo logs no vLLM stats
+
+
+def test_every_policy_of_a_round_gets_the_same_draw_under_a_tag_of_its_own(tmp_path, no_child_left):
+    # A new draw per policy made the draw's difficulty part of the comparison. Now each round draws
+    # once: the same tenants the same number of times for every policy, a new draw the next round.
+    result = run("--engine", "echo", "--scale", "0.03", "--rounds", "2", "--threads", "4", "--settle-s", "0",
+                 "--workloads", "tenants", "--tenants", "400", "--tenant-requests", "2000",
+                 "--policies", "least_loaded,cache_aware", out=tmp_path / "draw.json")
+    profile = {}
+    for r in result["runs"]:
+        sizes = sorted(Counter(row[1] for row in r["routes"]).values())
+        profile.setdefault(r["round"], set()).add(tuple(sizes))
+    assert len(result["runs"]) == 4 and set(profile) == {0, 1}
+    assert all(len(p) == 1 for p in profile.values())        # one draw for both policies of a round
+    assert profile[0] != profile[1]                           # and a new one the next round
+
+
+def test_fresh_tags_the_front_of_each_request_and_leaves_the_draw_alone():
+    base = build("tenants", Text(None, "echo"), 5, 0.05, workload_args())
+    chat = build("chat", Text(None, "echo"), 5, 0.05, workload_args())
+    one, two = fresh(base, 1), fresh(base, 2)
+    assert [r["prompt"] for r in one] == ["Run 1. " + r["prompt"] for r in base]
+    assert {r["prompt"][:7] for r in two} == {"Run 2. "} and "Run" not in base[0]["prompt"][:3]
+    tagged = fresh(chat, 3)
+    for before, after in zip(chat, tagged):
+        assert after["messages"][0]["content"] == "Run 3. " + before["messages"][0]["content"]
+        assert after["messages"][1:] == before["messages"][1:] and after["conversation"] == before["conversation"]
 
 
 def test_micro_reports_each_policy_against_least_loaded(tmp_path):
