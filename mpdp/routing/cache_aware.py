@@ -98,14 +98,14 @@ kept for every worker all the same, so that a worker whose events stop falls bac
 prediction, is the exact (or pending) match, but the *affinity* that picks among the workers within
 the allowance (the ``worth * saved`` cap and the longest-match rank) is the longer of that and the
 mirror's match. Once a prefix's blocks are evicted from every engine the index says "cached
-nowhere", and without this its next request went by load to either worker: on one H100, on
-many tenants revisited at random (working set ~2.6x the pool's KV), tenants ended up cached on both
-workers, the pool's caches held fewer of them, and the index routed at 0.93x the mirror's rate.
-The mirror remembers where each prefix was sent (its home) and keeps the tenants partitioned;
-sticky keeps that, while the load rule and the predictions stay exact. ``sticky=False`` is the
-exact index alone. ``reported`` compares, per worker, the cached tokens the policy predicted with those the engine
-reported (``stats()``). Until a GPU run shows the event index ahead of the mirror, the mirror is
-the default (``bench/RESULTS.md``).
+nowhere", and without this its next request goes by load to either worker; the mirror remembers
+where each prefix was sent (its home) and sticky keeps sending it there, while the load rule and the
+predictions stay exact. ``sticky=False`` is the exact index alone. ``reported`` compares, per
+worker, the cached tokens the policy predicted with those the engine reported (``stats()``).
+On one H100 the event index was level with the mirror (0.985x on many tenants revisited at random,
+one draw for both: both cached what one LRU cache the size of the two holds of it, as pure
+affinity does in the simulation), so it buys exact accounting, not speed, and the mirror stays the
+default (``bench/RESULTS.md``, "third lease").
 """
 
 from __future__ import annotations
