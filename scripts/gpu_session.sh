@@ -16,9 +16,11 @@
 #   scripts/gpu_session.sh OUT_DIR loads    the batch limit vs the old credit on light, DSPy, prefill, mixed and
 #                                           served loads; then bare at 256 (and 768) if time is left (< 10 min)
 #   scripts/gpu_session.sh OUT_DIR kv-events2  the mirror beside the event index, sticky and not, on six loads (< 8 min)
+#   scripts/gpu_session.sh OUT_DIR serve-split vllm serve at its defaults and at mpdp's engine settings, then mpdp
+#                                           serve (8B shape, 512 streams; ~2.5 min a server: MPDP_SPLIT="a b" picks)
 set -uo pipefail
-out=${1:?usage: scripts/gpu_session.sh OUT_DIR core|prefix|ceiling|serve|recovery|ray|batch|batch-check|kv-events}
-part=${2:?part: core, prefix, ceiling, serve, recovery, ray, batch, batch-check or kv-events}
+out=${1:?usage: scripts/gpu_session.sh OUT_DIR PART (see the comment above)}
+part=${2:?part: core, prefix, ceiling, serve, recovery, ray, batch, batch-check, kv-events, sweep, loads, kv-events2 or serve-split}
 cd "$(dirname "$0")/.."
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1

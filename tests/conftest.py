@@ -1,8 +1,10 @@
 """Shared fixtures: pools with short heartbeats that are always closed, and a check that no test
-leaves a child process behind (as loky's tests do)."""
+leaves a child process behind (as loky's tests do); the run's temporary folders go with it."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 
 import psutil
@@ -15,6 +17,21 @@ import mpdp
 # worker's own every 0.1 s, so a loaded machine (load 7 on 2 cores) delays them by tenths of a
 # second, never seconds: these bounds are outcomes to wait for, not margins to race.
 FAST = dict(heartbeat_interval=0.1, heartbeat_timeout=5.0, step_timeout=5.0, shutdown_timeout=5.0)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    # pytest keeps the tmp_path folders of its last three runs (about 1 GB of this suite's) in the
+    # system's temporary folder; a run of this suite keeps none. `--basetemp DIR` keeps them in DIR.
+    if config.option.basetemp is None:
+        config._mpdp_basetemp = tempfile.mkdtemp(prefix="mpdp-tests-")
+        config.option.basetemp = config._mpdp_basetemp
+
+
+def pytest_unconfigure(config):
+    path = getattr(config, "_mpdp_basetemp", None)
+    if path:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def live_children() -> set[psutil.Process]:
