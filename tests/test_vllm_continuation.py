@@ -116,3 +116,71 @@ def test_which_streams_the_vllm_engine_continues():
     assert "logprobs" in ask(logprobs=1)
     assert EchoEngine.cannot_continue({"n": 2}) is None            # echo and hf continue every choice
     assert "cannot continue" in why_not(EngineRequest(id=1, prompt="x", stream=True), delivered, None)
+
+
+# -- the seam inside a character, with a real tokenizer and vLLM's own detokenization ------------
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from transformers import AutoTokenizer
+
+    from mpdp.models import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct"))
+
+
+def real_engine(tokenizer) -> VLLMEngine:
+    from mpdp.engines.logprobs import token_bytes
+
+    e = engine()
+    e._tokenizer, e._token_bytes = tokenizer, token_bytes(tokenizer)
+    return e
+
+
+def vllm_run(e, tokenizer, prompt, answer, head=None):
+    """One worker's stream of ``answer`` (what a temperature-0 run makes), its results one per
+    token, as vLLM's detokenizer makes the text: a DecodeStream primed with the prompt (the
+    continuation's prompt holds the streamed tokens), no text until a character is whole."""
+    from tokenizers.decoders import DecodeStream
+
+    done = head.ids if head is not None else []
+    stream = DecodeStream(ids=prompt + done, skip_special_tokens=True)
+    acc = _Accumulated(len(prompt), lambda choice: [], head, e._token_bytes)
+    rest = answer[len(done):]
+    for k, token in enumerate(rest):
+        last = k == len(rest) - 1
+        out = delta(stream.step(tokenizer._tokenizer, token) or "", [token], "length" if last else None)
+        acc.add(out)
+        yield acc.final(9, out) if last else acc.partial(9, out)
+
+
+@pytest.mark.parametrize("text", [" 日本語 🙂 ok", " naïve café — “quoted” 😀😀 end"])
+def test_a_stream_cut_inside_a_character_reaches_the_consumer_whole_after_one_or_two_deaths(smollm2, text):
+    # Byte-level BPE splits a CJK character or an emoji over several tokens: a worker can die
+    # after some of them were streamed, their character not yet delivered.
+    from mpdp.pool import _StreamBase
+
+    e = real_engine(smollm2)
+    prompt = smollm2.encode("Say it:", add_special_tokens=True)
+    answer = smollm2.encode(text, add_special_tokens=False)
+    cuts = [(a,) for a in range(1, len(answer) - 1)] + \
+        [(a, b) for a in range(1, len(answer) - 2) for b in range(a + 1, len(answer) - 1)]
+    for cut in cuts:
+        deaths = cut
+        consumer, delivered, head, final = _StreamBase(), Delivered(), None, None
+        got, partials = "", 0
+        while final is None:
+            for res in vllm_run(e, smollm2, prompt, answer, head):
+                if res.finished:
+                    final = res
+                    got += consumer._delta(res).texts[0]
+                    break
+                delivered.add(res)
+                got += consumer._delta(res).texts[0]
+                partials += 1
+                if deaths and partials >= deaths[0]:   # after as many partial results
+                    deaths = deaths[1:]        # the worker dies here: the rest goes on elsewhere
+                    head = e._resumed(delivered.continuation(), prompt, {"max_tokens": 100})
+                    break
+        assert got == final.texts[0] == text, (cut, got)
+        assert final.completion_tokens == len(answer) and final.prompt_tokens == len(prompt)

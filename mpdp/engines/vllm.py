@@ -186,7 +186,7 @@ class VLLMEngine(Engine):
         if sampling.logprobs is not None:
             self._top_k[rid] = sampling.logprobs
         if request.stream:
-            self._streams[rid] = _Accumulated(prompt_tokens, self._records_of(rid), head)
+            self._streams[rid] = _Accumulated(prompt_tokens, self._records_of(rid), head, self._token_bytes)
 
     def step(self) -> list[EngineResult]:
         results: list[EngineResult] = []
@@ -601,10 +601,18 @@ class _Head:
 
 class _Accumulated:
     """A streamed request's text so far, per choice: DELTA outputs carry only what is new. A
-    continuation starts from its ``_Head``: its text and tokens, the owed part sent first."""
+    continuation starts from its ``_Head``: its text and tokens, the owed part sent first.
 
-    def __init__(self, prompt_tokens: int, records, head: _Head | None = None):
+    A partial's token ids stop where its text can: the ids of a character not yet whole (a CJK
+    character or an emoji over several byte tokens; vLLM sends no text for it yet) wait for the
+    partial that completes it. So a stream whose worker dies continues from a character boundary:
+    a prompt ending inside a character would make vLLM's detokenizer send that character's bytes
+    as text of their own (and a primed DecodeStream, the prompt's text again)."""
+
+    def __init__(self, prompt_tokens: int, records, head: _Head | None = None, token_bytes=None):
         self.prompt_tokens, self.records = prompt_tokens, records
+        self.token_bytes = token_bytes      # token id -> its bytes (None: ids go out as they come)
+        self.held: dict[int, list[int]] = {}
         self.cached_tokens: int | None = None
         self.texts: dict[int, list[str]] = {}
         self.tokens: dict[int, int] = {}
@@ -632,11 +640,21 @@ class _Accumulated:
         new = {c.index: c.text for c in out.outputs}
         if self.owed:
             new[0], self.owed = self.owed + new.get(0, ""), ""
-        ids = {c.index: list(c.token_ids) for c in out.outputs}
+        ids = {c.index: self._whole(c.index, c.token_ids) for c in out.outputs}
         return EngineResult(id=request_id, texts=[new.get(i, "") for i in range(n)],
                             finish_reasons=[""] * n, prompt_tokens=self.prompt_tokens,
                             completion_tokens=sum(self.tokens.values()), finished=False,
                             token_ids=[ids.get(i, []) for i in range(n)])
+
+    def _whole(self, index: int, new) -> list[int]:
+        """The ids held back before and ``new``, but those of a trailing character not yet whole."""
+        ids = self.held.pop(index, []) + list(new)
+        if self.token_bytes is None or not ids:
+            return ids
+        cut = len(ids) - _partial_tokens(ids, self.token_bytes)
+        if cut < len(ids):
+            self.held[index] = ids[cut:]
+        return ids[:cut]
 
     def final(self, request_id: int, out) -> EngineResult:
         if "error" in self.reasons.values():
@@ -648,6 +666,29 @@ class _Accumulated:
             prompt_tokens=self.prompt_tokens, completion_tokens=sum(self.tokens.values()),
             logprobs=[self.logprobs.get(i, []) for i in order] if self.logprobs else None,
             cached_tokens=self.cached_tokens)
+
+
+def _partial_tokens(ids: list[int], token_bytes) -> int:
+    """How many of the last ``ids`` hold the start of an unfinished UTF-8 character (0: none)."""
+    tail, count = b"", 0
+    for token in reversed(ids[-4:]):           # a character is at most 4 bytes, a token at least 1
+        tail, count = token_bytes(token) + tail, count + 1
+        if len(tail) >= 4:
+            break
+    for back in range(1, min(4, len(tail)) + 1):
+        byte = tail[-back]
+        if byte & 0xC0 == 0x80:                # a continuation byte: the lead is further back
+            continue
+        need = 2 if byte & 0xE0 == 0xC0 else 3 if byte & 0xF0 == 0xE0 else 4 if byte & 0xF8 == 0xF0 else 1
+        if back >= need:                       # complete (or an ASCII byte)
+            return 0
+        # unfinished: the tokens that hold its ``back`` bytes (the one with its lead among them)
+        held, size = 0, 0
+        for token in reversed(ids):
+            held, size = held + 1, size + len(token_bytes(token))
+            if size >= back:
+                return held
+    return 0
 
 
 def _cached_tokens(out) -> int | None:
