@@ -184,3 +184,28 @@ def test_a_stream_cut_inside_a_character_reaches_the_consumer_whole_after_one_or
                     break
         assert got == final.texts[0] == text, (cut, got)
         assert final.completion_tokens == len(answer) and final.prompt_tokens == len(prompt)
+
+
+class CleaningTokenizer(Tokenizer):
+    """As a transformers 4 tokenizer whose config sets clean_up_tokenization_spaces (Llama 3's
+    does): decode drops the space before punctuation unless told not to. vLLM's detokenizer never
+    cleans up, so the streamed text keeps it."""
+
+    clean_up_tokenization_spaces = True
+
+    def decode(self, ids, skip_special_tokens=True, clean_up_tokenization_spaces=None):
+        text = super().decode(ids, skip_special_tokens)
+        clean = self.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces
+        return text.replace(" !", "!").replace(" .", ".") if clean else text
+
+
+def test_the_streamed_text_is_decoded_as_vllm_streamed_it_without_cleaning_up_spaces():
+    # " cat !" (PIECES 3, 7) came out of vLLM as " cat !"; " c" was delivered when the worker died.
+    PIECES[7] = "▁!"
+    try:
+        e = engine()
+        e._tokenizer = CleaningTokenizer()
+        head = e._resumed([[[3, 7], 2]], [1, 2], {"max_tokens": 10})
+    finally:
+        del PIECES[7]
+    assert (head.text, head.owed) == (" cat !", "at !")

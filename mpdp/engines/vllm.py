@@ -336,7 +336,12 @@ class VLLMEngine(Engine):
         ids = list(ids)
         if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in ids):
             raise ValueError("the continuation's token ids must be non-negative ints")
-        decode = functools.partial(self._tokenizer.decode, skip_special_tokens=params.get("skip_special_tokens", True))
+        options = {"skip_special_tokens": params.get("skip_special_tokens", True)}
+        if getattr(self._tokenizer, "clean_up_tokenization_spaces", False):
+            # vLLM's detokenizer never cleans up (" !" stays " !"), whatever the tokenizer's config
+            # says (Llama 3's sets it); a cleaned-up text would be shorter than the streamed one.
+            options["clean_up_tokenization_spaces"] = False
+        decode = functools.partial(self._tokenizer.decode, **options)
         context = prompt_ids[-_SEAM_CONTEXT:]
         before, whole = decode(context), decode(context + ids)
         text = whole[len(before):] if whole.startswith(before) else decode(ids)
