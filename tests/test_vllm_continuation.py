@@ -209,3 +209,18 @@ def test_the_streamed_text_is_decoded_as_vllm_streamed_it_without_cleaning_up_sp
     finally:
         del PIECES[7]
     assert (head.text, head.owed) == (" cat !", "at !")
+
+
+def test_a_partials_token_ids_end_where_a_character_does_even_when_a_token_straddles_two():
+    # "日本" is e6 97 a5 e6 9c ac: a byte-level BPE vocabulary may hold a token that ends one
+    # character and starts the next (Llama 3's and Qwen's do), so the last token's own
+    # character being unfinished does not make the one before it whole.
+    pieces = {10: b"\xe6\x97", 11: b"\xa5\xe6", 12: b"\x9c\xac", 13: b"!"}
+    acc = _Accumulated(2, lambda choice: [], token_bytes=pieces.__getitem__)
+    released = []
+    for token, text in ((10, ""), (11, ""), (12, "日本"), (13, "!")):
+        out = delta(text, [token])
+        acc.add(out)
+        released += acc.partial(9, out).token_ids[0]
+        b"".join(pieces[t] for t in released).decode()      # a death here resumes after whole characters
+    assert released == [10, 11, 12, 13]

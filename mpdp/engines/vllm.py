@@ -674,26 +674,25 @@ class _Accumulated:
 
 
 def _partial_tokens(ids: list[int], token_bytes) -> int:
-    """How many of the last ``ids`` hold the start of an unfinished UTF-8 character (0: none)."""
-    tail, count = b"", 0
-    for token in reversed(ids[-4:]):           # a character is at most 4 bytes, a token at least 1
-        tail, count = token_bytes(token) + tail, count + 1
-        if len(tail) >= 4:
-            break
+    """How many of the last ``ids`` to hold so that the rest ends where a UTF-8 character does
+    (0: all of them do). A token may end one character and start the next, so the cut goes back
+    token by token until the bytes before it end whole."""
+    for held in range(min(len(ids), 8) + 1):   # a character is at most 4 bytes: a few tokens at most
+        cut = len(ids) - held
+        if _ends_whole(b"".join(token_bytes(t) for t in ids[max(0, cut - 4):cut])):
+            return held
+    return 0                                   # not UTF-8 as far as can be seen: nothing held
+
+
+def _ends_whole(tail: bytes) -> bool:
+    """Whether ``tail`` ends at a UTF-8 character boundary (an invalid tail counts as whole)."""
     for back in range(1, min(4, len(tail)) + 1):
         byte = tail[-back]
         if byte & 0xC0 == 0x80:                # a continuation byte: the lead is further back
             continue
         need = 2 if byte & 0xE0 == 0xC0 else 3 if byte & 0xF0 == 0xE0 else 4 if byte & 0xF8 == 0xF0 else 1
-        if back >= need:                       # complete (or an ASCII byte)
-            return 0
-        # unfinished: the tokens that hold its ``back`` bytes (the one with its lead among them)
-        held, size = 0, 0
-        for token in reversed(ids):
-            held, size = held + 1, size + len(token_bytes(token))
-            if size >= back:
-                return held
-    return 0
+        return back >= need
+    return True
 
 
 def _cached_tokens(out) -> int | None:
