@@ -3,6 +3,7 @@ leaves a child process behind (as loky's tests do); the run's temporary folders 
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -26,6 +27,10 @@ def pytest_configure(config):
     if config.option.basetemp is None:
         config._mpdp_basetemp = tempfile.mkdtemp(prefix="mpdp-tests-")
         config.option.basetemp = config._mpdp_basetemp
+        # Importing transformers imports torch's dynamo, which makes its compile cache folder
+        # (torchinductor_USER in the system's temporary folder) at import; the tests and the
+        # workers they start (they inherit the environment) keep it in the run's folder instead.
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(config._mpdp_basetemp, "torchinductor"))
 
 
 def pytest_unconfigure(config):
