@@ -388,19 +388,28 @@ async def _started(request: Request, state: ServerState, held: _Streams) -> None
     """Wait for each stream's first delta before the response begins: a request its engine refuses
     when it takes it (a prompt over the context) then gets its own status (400), as unstreamed and
     as in vLLM, not a 200 whose body is an error event. The client leaving meanwhile aborts it."""
-    tasks = [asyncio.ensure_future(s.start()) for s in held.streams]
-    started = tasks[0] if len(tasks) == 1 else asyncio.gather(*tasks)
+    await _unless_gone(request, state, [s.start() for s in held.streams])
+
+
+async def _unless_gone(request: Request, state: ServerState, calls: list) -> list:
+    """The results of ``calls`` (coroutines), run together, unless the client leaves first
+    (``_ClientGone``) or the server shuts down; then, or when one fails, every one is cancelled
+    (cancelling a task that awaits a pool future aborts that request)."""
+    tasks = [asyncio.ensure_future(c) for c in calls]
+    together = tasks[0] if len(tasks) == 1 else asyncio.gather(*tasks)
     gone = asyncio.ensure_future(_disconnected(request))
     try:
-        done, _ = await asyncio.wait((started, gone, state.cut_off), return_when=asyncio.FIRST_COMPLETED)
-        if started not in done:
+        done, _ = await asyncio.wait((together, gone, state.cut_off), return_when=asyncio.FIRST_COMPLETED)
+        if together not in done:
             if gone not in done:
                 raise state.shutdown_error()
             raise _ClientGone()
-        started.result()
+        return [together.result()] if len(tasks) == 1 else together.result()
     except BaseException:
         for t in tasks:                # gather does not cancel the others when one fails
             t.cancel()
+        if not together.done():
+            together.cancel()
         raise
     finally:
         gone.cancel()
@@ -409,25 +418,8 @@ async def _started(request: Request, state: ServerState, held: _Streams) -> None
 async def _answer(request: Request, state: ServerState, p: parsing.Parsed, arrived: float,
                   queued: float) -> Response:
     """A non-streamed request: the pool's answers, unless the client leaves first (then abort)."""
-    tasks = [asyncio.ensure_future(state.pool.asubmit(**call, timeout=state.request_timeout))
-             for call in _calls(state, p)]
-    results = tasks[0] if len(tasks) == 1 else asyncio.gather(*tasks)
-    gone = asyncio.ensure_future(_disconnected(request))
-    try:
-        done, _ = await asyncio.wait((results, gone, state.cut_off), return_when=asyncio.FIRST_COMPLETED)
-        if results not in done:        # cancelling a task that awaits a pool future aborts the request
-            if gone not in done:
-                raise state.shutdown_error()
-            raise _ClientGone()
-        completions = [results.result()] if len(tasks) == 1 else results.result()
-    except BaseException:
-        for t in tasks:
-            t.cancel()
-        if isinstance(results, asyncio.Future) and not results.done():
-            results.cancel()
-        raise
-    finally:
-        gone.cancel()
+    completions = await _unless_gone(request, state, [state.pool.asubmit(**call, timeout=state.request_timeout)
+                                                      for call in _calls(state, p)])
     seconds = time.monotonic() - arrived
     state.metrics.observe_queue(queued)
     for c in completions:
